@@ -1,0 +1,38 @@
+# Set-up and the two entry points. Everything installs into .venv on first use.
+#   make test   - install (torch 2.13.0 CPU first, then .[dev,compat]), ruff, the test suite
+#   make bench  - the benchmarks in benchmarks/ (each prints its table and one JSON line)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast lint bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is installed first and pinned: a bare `torch` requirement would pull a multi-GB
+# CUDA build. The stamp is rebuilt whenever pyproject.toml or the C kernel changes.
+$(VENV)/.installed: pyproject.toml src/qlora/quant/kernels/cpu.c | $(BIN)/activate
+	$(BIN)/pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,compat]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not compat" -x $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/bench_dequant.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info src/qlora/quant/kernels/*.so .pytest_cache .ruff_cache

@@ -1,0 +1,154 @@
+"""Typed configuration: the dataclasses are the single source of truth for YAML and CLI flags.
+
+Every field has a default that follows the QLoRA recipe where one applies. `from_dict`
+rejects unknown keys and values outside a `Literal`'s choices with a message that lists the
+valid ones, so a typo in a YAML file fails loudly instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union
+
+__all__ = ["ConfigError", "LoraConfig", "QuantConfig", "from_dict"]
+
+T = TypeVar("T")
+
+TargetModules = str | list[str]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it and the valid choices."""
+
+
+@dataclass
+class QuantConfig:
+    """How the frozen base weights are stored.
+
+    Attributes:
+        kind: codebook for the frozen Linear weights; None keeps them in full precision.
+        blocksize: elements per absmax block (power of two, 32..4096).
+        double_quant: also quantize the absmax values (saves ~0.37 bits/param at blocksize 64).
+        compute_dtype: dtype the weights are dequantized to for the matmul. float32 on CPUs
+            without bf16 hardware (bf16 matmuls are far slower there); bfloat16 on GPUs.
+        target_modules: which Linear layers to quantize: "all-linear" (all but the output
+            head), a list of module-name suffixes, or a regular expression on the full name.
+    """
+
+    kind: Literal["nf4", "fp4", "int8", "nf2"] | None = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    target_modules: TargetModules = "all-linear"
+
+    def __post_init__(self) -> None:
+        from qlora.quant.blockwise import BLOCKSIZES
+
+        if self.blocksize not in BLOCKSIZES:
+            raise ConfigError(
+                f"quant.blocksize={self.blocksize} is not supported; choose one of "
+                f"{', '.join(map(str, BLOCKSIZES))}"
+            )
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters: y = W x + scaling · B(A(dropout(x))).
+
+    Attributes:
+        r: rank of the update (A is [r, in], B is [out, r]).
+        alpha: scaling numerator: scaling = alpha / r, or alpha / sqrt(r) with use_rslora.
+        dropout: dropout probability on the adapter input.
+        target_modules: "all-linear" (every Linear but the output head), a list of
+            module-name suffixes (e.g. ["q_proj", "v_proj"]), or a regex matched against the
+            full module name.
+        exclude_modules: module-name suffixes never to adapt.
+        use_rslora: rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023).
+        init: "kaiming" (A kaiming-uniform, B zeros: PEFT's default) or "gaussian"
+            (A ~ N(0, 1/r), B zeros).
+        bias: trainable biases; only "none" is supported (as in QLoRA).
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: TargetModules = "all-linear"
+    exclude_modules: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    bias: Literal["none"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be a positive integer, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+def _check_value(name: str, value: Any, annotation: Any) -> None:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(
+                f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}"
+            )
+        return
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        errors = []
+        for option in options:
+            try:
+                _check_value(name, value, option)
+                return
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}={value!r} is not valid")
+    if annotation is type(None):
+        if value is not None:
+            raise ConfigError(f"{name} must be None, got {value!r}")
+        return
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (item,) = typing.get_args(annotation) or (Any,)
+        for i, element in enumerate(value):
+            _check_value(f"{name}[{i}]", element, item)
+
+
+def from_dict(cls: type[T], values: dict[str, Any], section: str = "") -> T:
+    """Build config dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    prefix = f"{section}." if section else ""
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key!r}; valid keys: {', '.join(names)}")
+        _check_value(prefix + key, value, hints[key])
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+    if cls is LoraConfig and isinstance(kwargs.get("alpha"), int):
+        kwargs["alpha"] = float(kwargs["alpha"])
+    return cls(**kwargs)

@@ -1,0 +1,42 @@
+"""Layers: the frozen k-bit `QuantLinear`, the `LoRALinear` adapter wrapper, and the model
+surgery that puts them in place (target selection, wrapping, freezing, merging)."""
+
+from qlora.nn.inject import (
+    TrainableReport,
+    add_lora,
+    disable_adapters,
+    find_targets,
+    lora_layers,
+    merge,
+    quantize_model,
+    set_adapter,
+    trainable_report,
+)
+from qlora.nn.lora import (
+    LoRALinear,
+    base_weight_dtype,
+    delta_weight,
+    merge_adapter,
+    merged_weight,
+    unmerge_adapter,
+)
+from qlora.nn.qlinear import QuantLinear
+
+__all__ = [
+    "LoRALinear",
+    "QuantLinear",
+    "TrainableReport",
+    "add_lora",
+    "base_weight_dtype",
+    "delta_weight",
+    "disable_adapters",
+    "find_targets",
+    "lora_layers",
+    "merge",
+    "merge_adapter",
+    "merged_weight",
+    "quantize_model",
+    "set_adapter",
+    "trainable_report",
+    "unmerge_adapter",
+]

@@ -1,0 +1,91 @@
+"""`dequantize`: the dispatcher from a `QuantState` to the fastest exact path available.
+
+Paths, all bit-identical to `blockwise.dequantize_reference` (tests compare them):
+
+* CPU: the C kernel in ``kernels/cpu.c`` (built at install time when a C compiler exists;
+  AVX2 register lookup for 4-bit codes, byte tables otherwise, OpenMP over blocks).
+* anything else (no compiler, CUDA before the Triton kernel lands): the PyTorch reference.
+
+Set ``QLORA_DISABLE_KERNELS=1`` to force the reference path everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from qlora.quant.blockwise import dequantize_absmax, dequantize_reference
+from qlora.quant.state import QuantState
+
+__all__ = ["cpu_kernel", "dequantize"]
+
+_OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _load_cpu_kernel() -> ModuleType | None:
+    if os.environ.get("QLORA_DISABLE_KERNELS", "") not in ("", "0"):
+        return None
+    try:
+        from qlora.quant.kernels import _cpu  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _cpu
+
+
+_CPU_KERNEL = _load_cpu_kernel()
+
+
+def cpu_kernel() -> ModuleType | None:
+    """The compiled CPU kernel module, or None when it was not built (or is disabled)."""
+    return _CPU_KERNEL
+
+
+def dequantize(
+    state: QuantState, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The tensor that ``state`` stands for, in ``dtype`` (default: the original dtype).
+
+    Args:
+        state: a quantized tensor of shape [*].
+        dtype: float32, bfloat16 or float16.
+        out: optional preallocated contiguous output [*] of ``dtype`` on the state's device;
+            reusing one avoids page-faulting a fresh allocation on every call.
+    Returns:
+        tensor [state.shape]
+    """
+    dtype = dtype or state.dtype
+    if out is not None and (
+        out.dtype != dtype
+        or out.numel() != state.numel
+        or not out.is_contiguous()
+        or out.device != state.device
+    ):
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of {state.numel} elements on "
+            f"{state.device}; got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    kernel = _CPU_KERNEL
+    if kernel is not None and state.device.type == "cpu" and dtype in _OUT_DTYPES:
+        absmax = dequantize_absmax(state).contiguous()
+        code = state.code.float().contiguous()
+        packed = state.packed.contiguous()
+        result = out if out is not None else torch.empty(state.shape, dtype=dtype)
+        kernel.dequantize(
+            packed.data_ptr(),
+            absmax.data_ptr(),
+            code.data_ptr(),
+            result.data_ptr(),
+            state.numel,
+            state.blocksize,
+            state.bits,
+            _OUT_DTYPES[dtype],
+            torch.get_num_threads(),
+        )
+    else:
+        result = dequantize_reference(state, dtype)
+        if out is not None:
+            out.view(state.shape).copy_(result)
+            result = out
+    return result if result.shape == state.shape else result.view(state.shape)
