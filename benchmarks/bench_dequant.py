@@ -11,6 +11,9 @@ dequantize it to float32 and to bfloat16. Rows:
 * ``ours out=``      qlora.quant.dequantize into a reused buffer (what QuantLinear does)
 * ``torch reference`` our slow oracle (`dequantize_reference`)
 * ``write roofline`` ``out.fill_(1.0)`` on the same buffer: the memory-write floor
+* ``alloc+write floor`` ``torch.empty(...).fill_(1.0)``: the floor for any dequantize that
+                     returns a fresh tensor (a large allocation is fresh pages from the OS,
+                     so every 4 KiB page faults on first touch)
 
 Timings are medians over ``--repeats`` calls after a warm-up. The last line is one JSON
 object with every median and the ratios bnb / ours.
@@ -72,6 +75,7 @@ def main() -> None:
             "ours out=": lambda: dequantize(ours, out=out),  # noqa: B023
             "torch reference": lambda: dequantize_reference(ours),  # noqa: B023
             "write roofline": lambda: out.fill_(1.0),  # noqa: B023
+            "alloc+write floor": lambda: torch.empty(w.shape, dtype=dtype).fill_(1.0),  # noqa: B023
         }
         repeats = {"torch reference": max(3, args.repeats // 5)}
         results[name] = {
@@ -94,7 +98,9 @@ def main() -> None:
         print(
             f"{dtype_name}: bnb/ours = {fresh:.2f}x (both allocating), "
             f"{reused:.2f}x (ours into a reused buffer); "
-            f"ours out= is {rows['ours out='] / rows['write roofline']:.2f}x the write roofline"
+            f"ours out= is {rows['ours out='] / rows['write roofline']:.2f}x the write roofline; "
+            f"bnb is {bnb_time / rows['alloc+write floor']:.2f}x the alloc+write floor, so no "
+            f"allocating dequantize can beat it by more than that"
         )
         summary[dtype_name] = {
             **{k.replace(" ", "_").replace("=", ""): round(v * 1e3, 3) for k, v in rows.items()},
