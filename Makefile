@@ -1,5 +1,5 @@
 # Set-up and the two entry points. Everything installs into .venv on first use.
-#   make test   - install (torch 2.13.0 CPU first, then .[dev,compat]), ruff, the test suite
+#   make test   - install (torch 2.13.0 CPU first, then .[dev,compat,triton]), ruff, the test suite
 #   make bench  - the benchmarks in benchmarks/ (each prints its table and one JSON line)
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,9 +14,9 @@ $(BIN)/activate:
 
 # torch is installed first and pinned: a bare `torch` requirement would pull a multi-GB
 # CUDA build. The stamp is rebuilt whenever pyproject.toml or the C kernel changes.
-$(VENV)/.installed: pyproject.toml src/qlora/quant/kernels/cpu.c | $(BIN)/activate
+$(VENV)/.installed: pyproject.toml Makefile src/qlora/quant/kernels/cpu.c | $(BIN)/activate
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,compat]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,compat,triton]"
 	@touch $@
 
 install: $(VENV)/.installed

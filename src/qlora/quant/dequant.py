@@ -4,7 +4,8 @@ Paths, all bit-identical to `blockwise.dequantize_reference` (tests compare them
 
 * CPU: the C kernel in ``kernels/cpu.c`` (built at install time when a C compiler exists;
   AVX2 register lookup for 4-bit codes, byte tables otherwise, OpenMP over blocks).
-* anything else (no compiler, CUDA before the Triton kernel lands): the PyTorch reference.
+* CUDA: the Triton kernel in ``kernels/triton_dequant.py`` when triton is installed.
+* anything else (no compiler, no triton): the PyTorch reference.
 
 Set ``QLORA_DISABLE_KERNELS=1`` to force the reference path everywhere.
 """
@@ -35,6 +36,14 @@ def _load_cpu_kernel() -> ModuleType | None:
 
 
 _CPU_KERNEL = _load_cpu_kernel()
+
+
+def _triton_enabled() -> bool:
+    if os.environ.get("QLORA_DISABLE_KERNELS", "") not in ("", "0"):
+        return False
+    from qlora.quant.kernels.triton_dequant import available
+
+    return available()
 
 
 def cpu_kernel() -> ModuleType | None:
@@ -82,6 +91,20 @@ def dequantize(
             state.bits,
             _OUT_DTYPES[dtype],
             torch.get_num_threads(),
+        )
+    elif state.device.type == "cuda" and dtype in _OUT_DTYPES and _triton_enabled():
+        from qlora.quant.kernels.triton_dequant import dequantize_triton
+
+        result = (
+            out if out is not None else torch.empty(state.shape, dtype=dtype, device=state.device)
+        )
+        dequantize_triton(
+            state.packed.contiguous(),
+            dequantize_absmax(state).float().contiguous(),
+            state.code.float().contiguous(),
+            result.view(-1),
+            state.blocksize,
+            state.bits,
         )
     else:
         result = dequantize_reference(state, dtype)
