@@ -6,9 +6,11 @@
  * round to the output dtype with round-to-nearest-even, so they agree exactly.
  *
  * Why this is fast:
- *   - 4-bit codes are looked up in registers: the 16-entry codebook is split into two
- *     8-float AVX2 registers, `vpermps` picks from each by the low 3 index bits and a blend
- *     on bit 3 chooses between them (8 values per handful of instructions, no memory gather).
+ *   - 4-bit codes to float32 are looked up in registers: the 16-entry codebook is split into
+ *     two 8-float AVX2 registers, `vpermps` picks from each by the low 3 index bits and a
+ *     blend on bit 3 chooses between them (8 values per handful of instructions).
+ *   - 4-bit codes to bfloat16/float16 use a per-block 16-entry table of finished outputs and
+ *     two `pshufb` byte lookups per 16 values (see dequant4_half_avx2).
  *   - other widths use a 256-entry byte table (byte -> 8/bits values), resident in L1.
  *   - large outputs are written with non-temporal stores: the output does not fit in cache
  *     anyway, and streaming stores skip the read-for-ownership that doubles write traffic.
@@ -195,44 +197,25 @@ dequant4_half_avx2(const uint8_t *packed, const float *absmax, const float *code
     return full_blocks;
 }
 
-/* Full blocks of 4-bit codes. Returns the number of blocks done. */
+/* Full blocks of 4-bit codes to float32. Returns the number of blocks done. */
 __attribute__((target("avx2,fma,f16c"))) static int64_t
-dequant4_avx2(const uint8_t *packed, const float *absmax, const float *code, void *out,
-              int64_t n, int64_t blocksize, int dtype, int nthreads) {
+dequant4_f32_avx2(const uint8_t *packed, const float *absmax, const float *code, float *out,
+                  int64_t n, int64_t blocksize, int nthreads) {
     const int64_t full_blocks = n / blocksize;
     const __m256 low_half = _mm256_loadu_ps(code);
     const __m256 high_half = _mm256_loadu_ps(code + 8);
-    const int64_t out_bytes = n * (dtype == OUT_F32 ? 4 : 2);
-    const int stream = out_bytes >= STREAM_MIN_BYTES && ((uintptr_t)out % 32) == 0;
+    const int stream = n * 4 >= STREAM_MIN_BYTES && ((uintptr_t)out % 32) == 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t blk = 0; blk < full_blocks; blk++) {
         const __m256 scale = _mm256_set1_ps(absmax[blk]);
         const uint8_t *q = packed + blk * blocksize / 2;
-        const int64_t base = blk * blocksize;
-        for (int64_t k = 0; k < blocksize; k += 16) {
-            const __m256 a = _mm256_mul_ps(nibbles_to_codes(q + k / 2, low_half, high_half), scale);
-            const __m256 b = _mm256_mul_ps(nibbles_to_codes(q + k / 2 + 4, low_half, high_half), scale);
-            if (dtype == OUT_F32) {
-                float *dst = (float *)out + base + k;
-                if (stream) {
-                    _mm256_stream_ps(dst, a);
-                    _mm256_stream_ps(dst + 8, b);
-                } else {
-                    _mm256_storeu_ps(dst, a);
-                    _mm256_storeu_ps(dst + 8, b);
-                }
-            } else {
-                const __m256i h =
-                    dtype == OUT_BF16
-                        ? bf16x16(a, b)
-                        : _mm256_set_m128i(_mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT),
-                                           _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
-                __m256i *dst = (__m256i *)((uint16_t *)out + base + k);
-                if (stream)
-                    _mm256_stream_si256(dst, h);
-                else
-                    _mm256_storeu_si256(dst, h);
-            }
+        float *dst = out + blk * blocksize;
+        for (int64_t k = 0; k < blocksize; k += 8) {
+            const __m256 v = _mm256_mul_ps(nibbles_to_codes(q + k / 2, low_half, high_half), scale);
+            if (stream)
+                _mm256_stream_ps(dst + k, v);
+            else
+                _mm256_storeu_ps(dst + k, v);
         }
     }
     if (stream) _mm_sfence();
@@ -274,13 +257,15 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS;
     int64_t done = 0;
 #ifdef QLORA_X86
-    if (bits == 4 && blocksize % 32 == 0 && dtype != OUT_F32 && has_avx2())
-        done = dequant4_half_avx2((const uint8_t *)packed, (const float *)absmax,
-                                  (const float *)code, (uint16_t *)out, n, blocksize, dtype,
-                                  nthreads);
-    else if (bits == 4 && blocksize % 16 == 0 && has_avx2())
-        done = dequant4_avx2((const uint8_t *)packed, (const float *)absmax, (const float *)code,
-                             (void *)out, n, blocksize, dtype, nthreads);
+    if (bits == 4 && blocksize % 32 == 0 && has_avx2()) {
+        if (dtype == OUT_F32)
+            done = dequant4_f32_avx2((const uint8_t *)packed, (const float *)absmax,
+                                     (const float *)code, (float *)out, n, blocksize, nthreads);
+        else
+            done = dequant4_half_avx2((const uint8_t *)packed, (const float *)absmax,
+                                      (const float *)code, (uint16_t *)out, n, blocksize, dtype,
+                                      nthreads);
+    }
 #endif
     dequant_scalar((const uint8_t *)packed, (const float *)absmax, (const float *)code,
                    (void *)out, n, blocksize, bits, dtype, done, nthreads);
