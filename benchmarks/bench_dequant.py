@@ -1,4 +1,4 @@
-"""Dequantize a 4096×4096 NF4 (+double quant) weight: ours vs bitsandbytes, in one run.
+"""Dequantize (and quantize) a 4096×4096 NF4+DQ weight: ours vs bitsandbytes, in one run.
 
     python benchmarks/bench_dequant.py [--size 4096] [--repeats 30] [--threads N]
 
@@ -107,6 +107,28 @@ def main() -> None:
             "speedup_vs_bnb": round(fresh, 2),
             "speedup_vs_bnb_reused_out": round(reused, 2),
         }
+    # Quantizing (what loading a checkpoint spends its time on): float32 input, nf4 + DQ.
+    quant_rows = {
+        "bnb quantize_4bit": lambda: bnbf.quantize_4bit(
+            weight, blocksize=64, quant_type="nf4", compress_statistics=True
+        ),
+        "ours quantize": lambda: quantize(weight, "nf4", 64, True),
+        "ours reference": lambda: quantize(weight, "nf4", 64, True, reference=True),
+    }
+    quant_repeats = max(3, args.repeats // 5)
+    quant_times = {row: median_seconds(fn, quant_repeats) for row, fn in quant_rows.items()}
+    print(f"quantize nf4+DQ {args.size}x{args.size} float32 (median of {quant_repeats}):")
+    for row, seconds in quant_times.items():
+        print(f"  {row:<18}{seconds * 1e3:>10.1f} ms")
+    ours_q = quant_times["ours quantize"]
+    print(
+        f"  bnb/ours = {quant_times['bnb quantize_4bit'] / ours_q:.2f}x, "
+        f"reference/ours = {quant_times['ours reference'] / ours_q:.2f}x"
+    )
+    summary["quantize_ms"] = {
+        k.replace(" ", "_"): round(v * 1e3, 2) for k, v in quant_times.items()
+    }
+    summary["quantize_speedup_vs_bnb"] = round(quant_times["bnb quantize_4bit"] / ours_q, 2)
     print(json.dumps(summary))
 
 

@@ -4,6 +4,7 @@ The public API (see DESIGN.md §3); everything else is internal and may change.
 """
 
 from qlora.config import ConfigError, LoraConfig, QuantConfig
+from qlora.models import ModelLoadError, load_model
 from qlora.nn import (
     LoRALinear,
     QuantLinear,
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigError",
     "LoRALinear",
     "LoraConfig",
+    "ModelLoadError",
     "QuantConfig",
     "QuantLinear",
     "QuantState",
@@ -31,6 +33,7 @@ __all__ = [
     "add_lora",
     "dequantize",
     "disable_adapters",
+    "load_model",
     "merge",
     "quantize",
     "quantize_model",

@@ -24,6 +24,7 @@ instead of using midpoints (see `quantize_dynamic`); we replicate it so the byte
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -61,6 +62,9 @@ def _check_input(weight: torch.Tensor, kind: str, blocksize: int) -> None:
         raise ValueError(
             f"unsupported blocksize {blocksize}; choose one of {', '.join(map(str, BLOCKSIZES))}"
         )
+
+
+_CHUNK = 1 << 22  # elements per quantization chunk (a multiple of every blocksize)
 
 
 def _scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,11 +169,45 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     return (values * nested.absmax.view(-1, 1)).view(-1)[:n] + nested.offset
 
 
+def _codes_reference(
+    chunk: torch.Tensor, blocksize: int, bits: int, bounds: torch.Tensor, order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """absmax [nblocks] and packed codes of one chunk, in plain PyTorch (the oracle)."""
+    absmax, scaled = _scale_blocks(chunk.float(), blocksize)
+    pad = -scaled.numel() % (8 // bits)
+    if pad:
+        scaled = torch.nn.functional.pad(scaled, (0, pad))
+    ranks = torch.bucketize(scaled, bounds, out_int32=True)
+    del scaled
+    # NF4/NF2/INT8 codebooks are stored in value order, so rank == code and the gather is skipped.
+    identity = bool((order == torch.arange(order.numel(), device=order.device)).all())
+    codes = ranks.to(torch.uint8) if identity else order[ranks]
+    return absmax, pack_codes(codes, bits)
+
+
+def _codes_kernel(
+    kernel: Any, chunk: torch.Tensor, blocksize: int, bits: int, bounds: torch.Tensor,
+    order: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The same as `_codes_reference`, by the C kernel (float32 input, one pass)."""
+    chunk = chunk.float().contiguous()
+    n = chunk.numel()
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    packed = torch.empty(-(-n * bits // 8), dtype=torch.uint8)
+    kernel.quantize(
+        chunk.data_ptr(), n, blocksize, bounds.data_ptr(), order.data_ptr(), bits,
+        packed.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return absmax, packed
+
+
 def quantize(
     weight: torch.Tensor,
     kind: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
+    *,
+    reference: bool = False,
 ) -> QuantState:
     """Quantize ``weight`` blockwise to ``kind`` ("nf4", "fp4", "int8" or "nf2").
 
@@ -178,28 +216,44 @@ def quantize(
         kind: the codebook; see `qlora.quant.codebooks`.
         blocksize: elements per absmax block, a power of two in 32..4096.
         double_quant: quantize the absmax values too (8-bit, blocks of 256).
+        reference: use the plain-PyTorch path even where the C kernel could run (the
+            oracle the kernel is tested against; both give identical bytes).
 
     Returns:
         A `QuantState`; `dequantize(state)` gives back a tensor of ``weight``'s dtype and shape.
     """
     _check_input(weight, kind, blocksize)
     bits = BITS[kind]
-    flat = weight.detach().reshape(-1).float()
-    absmax, scaled = _scale_blocks(flat, blocksize)
-    if not bool(torch.isfinite(absmax).all()):
-        bad = int((~torch.isfinite(absmax)).nonzero()[0]) * blocksize
-        raise ValueError(
-            f"cannot quantize a tensor with NaN or inf values (first near flat index {bad}); "
-            "check the checkpoint or the training run that produced it"
-        )
-    pad = -scaled.numel() % (8 // bits)
-    if pad:
-        scaled = torch.nn.functional.pad(scaled, (0, pad))
+    flat = weight.detach().reshape(-1)
     bounds, order = decision_bounds(kind)
-    ranks = torch.bucketize(scaled, bounds.to(scaled.device), out_int32=True)
-    del scaled
-    codes = order.to(ranks.device)[ranks].to(torch.uint8)
-    packed = pack_codes(codes, bits)
+    bounds = bounds.to(flat.device).contiguous()
+    order = order.to(device=flat.device, dtype=torch.uint8).contiguous()
+    kernel = None
+    if not reference and flat.device.type == "cpu":
+        from qlora.quant.dequant import cpu_kernel  # local: dequant imports this module
+
+        kernel = cpu_kernel()
+    # Work in chunks (a multiple of every blocksize): blocks are independent, so the result
+    # is identical, and the float32 temporaries stay ~5 x 16 MiB whatever the tensor's size -
+    # this is what keeps quantize-on-load's peak memory flat for 7B checkpoints.
+    absmaxes: list[torch.Tensor] = []
+    packs: list[torch.Tensor] = []
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        if kernel is not None and hasattr(kernel, "quantize"):
+            absmax, packed = _codes_kernel(kernel, chunk, blocksize, bits, bounds, order)
+        else:
+            absmax, packed = _codes_reference(chunk, blocksize, bits, bounds, order)
+        if not bool(torch.isfinite(absmax).all()):
+            bad = start + int((~torch.isfinite(absmax)).nonzero()[0]) * blocksize
+            raise ValueError(
+                f"cannot quantize a tensor with NaN or inf values (first near flat index {bad}); "
+                "check the checkpoint or the training run that produced it"
+            )
+        packs.append(packed)
+        absmaxes.append(absmax)
+    absmax = torch.cat(absmaxes) if len(absmaxes) > 1 else absmaxes[0]
+    packed = torch.cat(packs) if len(packs) > 1 else packs[0]
     nested = None
     if double_quant:
         offset = absmax.mean()

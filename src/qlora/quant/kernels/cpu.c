@@ -23,6 +23,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -273,6 +274,139 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * Quantization: codes[i] = order[#{j : bounds[j] < x[i] / absmax[block]}] (nearest code, a tie
+ * on a midpoint going to the lower one - torch.bucketize(right=False) in the reference),
+ * absmax[block] = max |x| over the block (NaN if the block holds a NaN), codes packed first
+ * element in the highest bits. The scaled value is x * (1 / max(absmax, 1e-38)) clamped to
+ * [-1, 1], in float32 with the same two roundings as the reference.
+ * ------------------------------------------------------------------------------------- */
+static const float QUANT_TINY = 1e-38f;
+
+/* The number of bounds strictly below v (lower_bound) among the 2^bits - 1 sorted bounds:
+ * a branchless binary search (the compare feeds a conditional move, not a branch). */
+static inline int rank_of(float v, const float *bounds, int bits) {
+    int pos = 0;
+    for (int step = 1 << (bits - 1); step > 0; step >>= 1) pos += (bounds[pos + step - 1] < v) ? step : 0;
+    return pos;
+}
+
+static void quantize_scalar(const float *x, int64_t n, int64_t blocksize, const float *bounds,
+                            const uint8_t *order, int bits, uint8_t *packed,
+                            float *absmax, int64_t first_block, int nthreads) {
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    const int per_byte = 8 / bits;
+    (void)nthreads;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t blk = first_block; blk < nblocks; blk++) {
+        const int64_t start = blk * blocksize;
+        const int64_t len = n - start < blocksize ? n - start : blocksize;
+        float m = 0.0f;
+        for (int64_t k = 0; k < len; k++) {
+            const float a = fabsf(x[start + k]);
+            if (a > m || a != a) m = a;
+            if (m != m) break;
+        }
+        const float floored = m > QUANT_TINY || m != m ? m : QUANT_TINY;
+        absmax[blk] = len < blocksize ? floored : m; /* the reference floors only the tail */
+        const float inv = 1.0f / floored;
+        /* the last block is padded with zeros up to a whole byte, as the reference does */
+        const int64_t padded = (len + per_byte - 1) / per_byte * per_byte;
+        uint8_t *dst = packed + start / per_byte;
+        for (int64_t k = 0; k < padded; k += per_byte) {
+            unsigned byte = 0;
+            for (int j = 0; j < per_byte; j++) {
+                float v = 0.0f;
+                if (k + j < len) {
+                    /* the reference (like bitsandbytes) divides in a partial last block and
+                     * multiplies by the reciprocal in full ones: the roundings differ */
+                    v = len < blocksize ? x[start + k + j] / floored : x[start + k + j] * inv;
+                    v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+                }
+                byte |= (unsigned)order[rank_of(v, bounds, bits)] << (8 - bits * (j + 1));
+            }
+            dst[k / per_byte] = (uint8_t)byte;
+        }
+    }
+}
+
+#ifdef QLORA_X86
+/* Full blocks of 4-bit codes: 15 vector compares count the bounds below 8 values at once. */
+__attribute__((target("avx2,fma,f16c"))) static int64_t
+quantize4_avx2(const float *x, int64_t n, int64_t blocksize, const float *bounds,
+               const uint8_t *order, uint8_t *packed, float *absmax, int nthreads) {
+    const int64_t full_blocks = n / blocksize;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 one = _mm256_set1_ps(1.0f), minus_one = _mm256_set1_ps(-1.0f);
+    __m256 b[15];
+    for (int j = 0; j < 15; j++) b[j] = _mm256_set1_ps(bounds[j]);
+    int identity = 1;
+    for (int j = 0; j < 16; j++) identity &= order[j] == j;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t blk = 0; blk < full_blocks; blk++) {
+        const float *src = x + blk * blocksize;
+        __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+        for (int64_t k = 0; k < blocksize; k += 8) {
+            const __m256 v = _mm256_loadu_ps(src + k);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, m);
+        float amax = lanes[0];
+        for (int j = 1; j < 8; j++) amax = lanes[j] > amax ? lanes[j] : amax;
+        if (_mm256_movemask_ps(nan)) amax = __builtin_nanf("");
+        absmax[blk] = amax;
+        const __m256 inv =
+            _mm256_set1_ps(1.0f / (amax > QUANT_TINY || amax != amax ? amax : QUANT_TINY));
+        uint8_t *dst = packed + blk * blocksize / 2;
+        for (int64_t k = 0; k < blocksize; k += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(src + k), inv);
+            v = _mm256_min_ps(_mm256_max_ps(v, minus_one), one);
+            __m256i rank = _mm256_setzero_si256();
+            for (int j = 0; j < 15; j++)  /* compare mask is -1 where bound < v */
+                rank = _mm256_sub_epi32(rank, _mm256_castps_si256(_mm256_cmp_ps(b[j], v, _CMP_LT_OQ)));
+            int32_t r[8];
+            _mm256_storeu_si256((__m256i *)r, rank);
+            if (!identity)
+                for (int j = 0; j < 8; j++) r[j] = order[r[j]];
+            for (int j = 0; j < 4; j++) dst[k / 2 + j] = (uint8_t)((r[2 * j] << 4) | r[2 * j + 1]);
+        }
+    }
+    return full_blocks;
+}
+#endif
+
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    unsigned long long x, bounds, order, packed, absmax;
+    long long n, blocksize;
+    int bits, nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KLLKKiKKi", &x, &n, &blocksize, &bounds, &order, &bits, &packed,
+                          &absmax, &nthreads))
+        return NULL;
+    if (bits != 2 && bits != 4 && bits != 8) {
+        PyErr_Format(PyExc_ValueError, "bits must be 2, 4 or 8, got %d", bits);
+        return NULL;
+    }
+    if (n < 0 || blocksize <= 0 || blocksize % 8) {
+        PyErr_SetString(PyExc_ValueError, "invalid quantize arguments");
+        return NULL;
+    }
+    if (nthreads < 1 || n < PARALLEL_MIN_ELEMENTS) nthreads = 1;
+    Py_BEGIN_ALLOW_THREADS;
+    int64_t done = 0;
+#ifdef QLORA_X86
+    if (bits == 4 && has_avx2())
+        done = quantize4_avx2((const float *)x, n, blocksize, (const float *)bounds,
+                              (const uint8_t *)order, (uint8_t *)packed, (float *)absmax, nthreads);
+#endif
+    quantize_scalar((const float *)x, n, blocksize, (const float *)bounds, (const uint8_t *)order, bits, (uint8_t *)packed, (float *)absmax, done,
+                    nthreads);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_has_avx2(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -282,6 +416,8 @@ static PyObject *py_has_avx2(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(packed, absmax, code, out, n, blocksize, bits, dtype, nthreads): raw pointers"},
+    {"quantize", py_quantize, METH_VARARGS,
+     "quantize(x, n, blocksize, bounds, order, bits, packed, absmax, nthreads): raw pointers"},
     {"has_avx2", py_has_avx2, METH_NOARGS, "whether the AVX2 path is used on this CPU"},
     {NULL, NULL, 0, NULL},
 };
