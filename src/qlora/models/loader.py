@@ -20,6 +20,7 @@ into `QuantLinear` without re-quantizing, byte for byte.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import time
@@ -273,6 +274,19 @@ class _Slots:
         return [n for n, places in self.places.items() if _is_meta(getattr(*places[0]))]
 
 
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Loading frees many short-lived buffers between long-lived ones; glibc keeps such holes
+    mapped, so the resident set would stay above what the model holds.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
 def _rss_mb() -> float:
     try:
         with open("/proc/self/statm") as f:
@@ -393,6 +407,7 @@ def load_model(
                 reader.release(key)
                 bar.update()
                 if bar.n % 16 == 0:
+                    _trim_heap()
                     bar.set_postfix(rss=f"{_rss_mb():.0f}MB", refresh=False)
         bar.set_postfix(rss=f"{_rss_mb():.0f}MB")
         bar.close()
@@ -453,6 +468,7 @@ def load_model(
         raise ModelLoadError(f"{directory}: tensors left uninitialized: {', '.join(leftover)}")
 
     model.eval()
+    _trim_heap()
     _attach_generation_config(model, directory)
     info.seconds = time.perf_counter() - start
     model.qlora_load_info = info

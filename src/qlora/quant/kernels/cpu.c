@@ -14,7 +14,9 @@
  *   - other widths use a 256-entry byte table (byte -> 8/bits values), resident in L1.
  *   - large outputs are written with non-temporal stores: the output does not fit in cache
  *     anyway, and streaming stores skip the read-for-ownership that doubles write traffic.
- *   - blocks are split across OpenMP threads; the GIL is released.
+ *   - blocks are split across OpenMP threads in grabs of 256 (dynamic schedule: on a shared
+ *     machine a thread that loses its core would otherwise hold up a static split's
+ *     barrier for its whole half); the GIL is released.
  * The AVX2 path is chosen at run time (__builtin_cpu_supports), so the module also runs on
  * CPUs without AVX2 (scalar path) and is built without -mavx2.
  *
@@ -93,7 +95,7 @@ static void dequant_scalar(const uint8_t *packed, const float *absmax, const flo
     for (int b = 0; b < 256; b++)
         for (int j = 0; j < per; j++) table[b][j] = code[(b >> (8 - bits * (j + 1))) & mask];
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 256)
     for (int64_t blk = first_block; blk < nblocks; blk++) {
         const float scale = absmax[blk];
         const int64_t start = blk * blocksize;
@@ -155,7 +157,7 @@ dequant4_half_avx2(const uint8_t *packed, const float *absmax, const float *code
     const __m128i even_bytes = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m128i odd_bytes = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m128i nibble = _mm_set1_epi8(0x0f);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 256)
     for (int64_t blk = 0; blk < full_blocks; blk++) {
         const __m256 scale = _mm256_set1_ps(absmax[blk]);
         const __m256 v0 = _mm256_mul_ps(code_lo, scale); /* entries 0..7  */
@@ -206,7 +208,7 @@ dequant4_f32_avx2(const uint8_t *packed, const float *absmax, const float *code,
     const __m256 low_half = _mm256_loadu_ps(code);
     const __m256 high_half = _mm256_loadu_ps(code + 8);
     const int stream = n * 4 >= STREAM_MIN_BYTES && ((uintptr_t)out % 32) == 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 256)
     for (int64_t blk = 0; blk < full_blocks; blk++) {
         const __m256 scale = _mm256_set1_ps(absmax[blk]);
         const uint8_t *q = packed + blk * blocksize / 2;
@@ -297,7 +299,7 @@ static void quantize_scalar(const float *x, int64_t n, int64_t blocksize, const 
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
     const int per_byte = 8 / bits;
     (void)nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 256)
     for (int64_t blk = first_block; blk < nblocks; blk++) {
         const int64_t start = blk * blocksize;
         const int64_t len = n - start < blocksize ? n - start : blocksize;
@@ -342,7 +344,7 @@ quantize4_avx2(const float *x, int64_t n, int64_t blocksize, const float *bounds
     for (int j = 0; j < 15; j++) b[j] = _mm256_set1_ps(bounds[j]);
     int identity = 1;
     for (int j = 0; j < 16; j++) identity &= order[j] == j;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 256)
     for (int64_t blk = 0; blk < full_blocks; blk++) {
         const float *src = x + blk * blocksize;
         __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
