@@ -1,0 +1,473 @@
+"""The estimate: `estimate` adds weights, adapters, gradients and optimizer states
+(parameter counts times bytes, k-bit storage read off `qlora.quant`) to the activation terms
+of `qlora.memory.activations` into a `MemoryEstimate`. Section numbers (§) refer to that
+module's docstring, the derivation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qlora.config import ConfigError, LoraConfig
+from qlora.memory.activations import _layer, _make_run, _sum
+from qlora.memory.shapes import (
+    METHODS,
+    OPTIMIZERS,
+    Attention,
+    ComputeDtype,
+    Device,
+    Method,
+    ModelShape,
+    Optimizer,
+    model_shape,
+)
+
+# Which quantization kind stores the base for each QLoRA method (blocksize 64, double quant).
+_QUANT_KIND = {"qlora-8": "int8", "qlora-4": "nf4", "qlora-2": "nf2"}
+# bitsandbytes' blockwise 8-bit optimizers: one float32 absmax per 256 values.
+_OPTIM8_BLOCK = 256
+GiB = 2**30
+
+
+@functools.cache
+def _sample_state(kind: str, blocksize: int, double_quant: bool) -> Any:
+    """A small QuantState: the element sizes and block sizes of ``kind``'s storage format."""
+    from qlora.quant import quantize
+
+    return quantize(torch.linspace(-1, 1, blocksize * 4), kind, blocksize, double_quant)
+
+
+def quantized_bytes(numel: int, kind: str, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes `qlora.quant.quantize` stores for a tensor of ``numel`` elements, exactly.
+
+    The layout is read off a sample state from the library rather than written down: packed
+    codes (8 // bits per byte), one absmax per block (uint8 with double quantization, else
+    float32), nested float32 absmax per ``nested.blocksize`` blocks, the codebooks and the
+    double-quant offset.
+    """
+    state = _sample_state(kind, blocksize, double_quant)
+    per_byte = 8 // state.bits
+    blocks = -(-numel // blocksize)
+    total = -(-numel // per_byte) * state.packed.element_size()
+    total += blocks * state.absmax.element_size() + state.code.numel() * state.code.element_size()
+    nested = state.nested
+    if nested is not None:
+        total += -(-blocks // nested.blocksize) * nested.absmax.element_size()
+        total += nested.code.numel() * nested.code.element_size()
+        total += nested.offset.numel() * nested.offset.element_size()
+    return int(total)
+
+
+def quant_storage(kind: str, blocksize: int = 64, double_quant: bool = True) -> tuple[float, int]:
+    """``(bytes per element, bytes per tensor)`` of k-bit storage for large tensors.
+
+    8 x the first is the familiar bits/param (NF4 + double quantization at blocksize 64:
+    4.127); the second is the per-tensor constant (codebooks, offset).
+    """
+    unit = blocksize * 256  # one nested block of absmax values: no partial blocks
+    small = quantized_bytes(2 * unit, kind, blocksize, double_quant)
+    large = quantized_bytes(4 * unit, kind, blocksize, double_quant)
+    per_element = (large - small) / (2 * unit)
+    return per_element, round(small - per_element * 2 * unit)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one fine-tuning step, in bytes (see the module docstring).
+
+    The seven terms add up to `total`; ``offloaded`` (paged optimizer states) is not in it.
+    """
+
+    model: str
+    method: Method
+    batch: int
+    seq_len: int
+    rank: int
+    optimizer: Optimizer
+    grad_ckpt: bool
+    compute_dtype: ComputeDtype
+    device: Device
+    chunked_loss: bool
+    params: int
+    trainable_params: int
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    overhead: int
+    offloaded: int = 0
+    peak_phase: str = ""
+    saved_for_backward: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights
+            + self.adapters
+            + self.gradients
+            + self.optimizer_states
+            + self.activations
+            + self.logits
+            + self.overhead
+        )
+
+    def rows(self) -> list[tuple[str, int]]:
+        """(label, bytes) of the breakdown, total last."""
+        rows = [
+            ("weights", self.weights),
+            ("adapters", self.adapters),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer_states),
+            ("activations", self.activations),
+            ("logits / loss", self.logits),
+            ("overhead", self.overhead),
+            ("total", self.total),
+        ]
+        if self.offloaded:
+            rows.append(("paged optimizer (off-device)", self.offloaded))
+        return rows
+
+    def __str__(self) -> str:
+        ckpt = "gradient checkpointing" if self.grad_ckpt else "no gradient checkpointing"
+        loss = "chunked loss" if self.chunked_loss else "full logits"
+        lines = [
+            f"{self.model}: {self.method}, {self.params / 1e9:.3g}B params "
+            f"({self.trainable_params / 1e6:.4g}M trainable)",
+            f"batch {self.batch} x seq {self.seq_len}, r={self.rank}, {self.optimizer}, {ckpt}, "
+            f"{self.compute_dtype} compute on {self.device}, {loss}",
+        ]
+        width = max(len(label) for label, _ in self.rows())
+        for label, nbytes in self.rows():
+            lines.append(f"  {label:<{width}}  {nbytes / GiB:10.3f} GiB")
+        if self.peak_phase:
+            lines.append(f"  peak during: {self.peak_phase}")
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+# -- inputs --------------------------------------------------------------------------------
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}"
+        )
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass
+class _Params:
+    """Parameter inventory: counts and bytes of what is stored and what trains."""
+
+    total: int  # base-model parameters (quantized weights counted unpacked; no adapters)
+    trainable: int
+    frozen_bytes: int  # the base as stored
+    trainable_dtype_bytes: float  # bytes per trainable parameter (its dtype)
+    notes: list[str]
+
+
+def _shape_params(shape: ModelShape, method: str, rank: int) -> _Params:
+    linear = shape.linear_params()
+    other = shape.other_params()
+    total = linear + other
+    if method == "full-amp":
+        return _Params(total, total, total * (4 + 2), 4, [])
+    if method == "full-16":
+        return _Params(total, total, total * 2, 2, [])
+    adapters = shape.lora_params(rank)
+    if method == "lora-16":
+        return _Params(total, adapters, total * 2, 4, [])
+    kind = _QUANT_KIND[method]
+    per_layer = sum(quantized_bytes(n_in * n_out, kind) for _, n_in, n_out in shape.layer_linears())
+    stored = shape.layers * per_layer + other * 2
+    return _Params(total, adapters, stored, 4, [])
+
+
+def _module_params(model: nn.Module, method: str, rank: int) -> tuple[_Params, int, float]:
+    """Inventory of a real module; also returns the LoRA rank and dropout found in it."""
+    from qlora.nn.inject import find_targets
+    from qlora.nn.lora import LoRALinear
+    from qlora.nn.qlinear import QuantLinear
+
+    lora_layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    notes: list[str] = []
+    if method.startswith("full") and (lora_layers or quantized):
+        raise ConfigError(
+            f"method={method!r} needs a plain model, but this one already has "
+            f"{'LoRA adapters' if lora_layers else 'quantized layers'}; use a lora/qlora method"
+        )
+    adapter_ids: set[int] = set()
+    found_rank, found_dropout = rank, -1.0
+    for layer in lora_layers:
+        for name in layer.active_adapters:
+            adapter_ids.update(id(t) for t in layer.lora_A[name].parameters())
+            adapter_ids.update(id(t) for t in layer.lora_B[name].parameters())
+            found_rank = int(layer.lora_A[name].out_features)
+            drop = layer.lora_dropout[name]
+            found_dropout = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+    # Parameters and buffers once each (tied weights share storage), by storage address.
+    seen: set[int] = set()
+    frozen_bytes = trainable = total = 0
+    trainable_bytes = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen and key != 0:
+            continue
+        seen.add(key)
+        nbytes = tensor.numel() * tensor.element_size()
+        if id(tensor) in adapter_ids:
+            trainable += tensor.numel()
+            trainable_bytes += nbytes
+            continue
+        # Every other parameter and buffer is resident: QuantLinear's packed codes and
+        # scales (uint8/float32 buffers), rotary frequencies, inactive adapters.
+        frozen_bytes += nbytes
+        if isinstance(tensor, nn.Parameter):
+            total += tensor.numel()
+    # A QuantLinear's weight is a buffer: count its logical out x in as parameters.
+    for layer in quantized:
+        total += layer.out_features * layer.in_features
+    # What quantize_model / add_lora would still do to this module for `method`.
+    targets = [model.get_submodule(n) for n in find_targets(model, "all-linear")]
+    if method in _QUANT_KIND:
+        for layer in targets:
+            base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+            if isinstance(base, nn.Linear):
+                numel = base.weight.numel()
+                frozen_bytes += quantized_bytes(numel, _QUANT_KIND[method])
+                frozen_bytes -= numel * base.weight.element_size()
+    if method.startswith("full"):
+        trainable = total
+        dtype_bytes = max(
+            (p.element_size() for p in model.parameters() if p.is_floating_point()), default=2
+        )
+        if method == "full-amp":
+            frozen_bytes = total * (4 + 2)
+            dtype_bytes = 4
+        return _Params(total, trainable, frozen_bytes, dtype_bytes, notes), rank, -1.0
+    if not lora_layers:
+        trainable = sum(rank * (t.in_features + t.out_features) for t in targets)
+        trainable_bytes = 4 * trainable
+    else:
+        notes.append(f"adapters as found in the model (r={found_rank})")
+    dtype_bytes = trainable_bytes / trainable if trainable else 4.0
+    params = _Params(total, trainable, frozen_bytes, dtype_bytes, notes)
+    return params, found_rank, found_dropout
+
+
+def _module_defaults(model: nn.Module) -> tuple[str, str, str]:
+    """(compute dtype, device, attention implementation) a module will train with."""
+    from qlora.nn.qlinear import QuantLinear
+
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    dtype = None
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            dtype = module.compute_dtype
+            break
+    tensors = [p for p in model.parameters() if p.is_floating_point()]
+    if dtype is None:
+        dtype = tensors[0].dtype if tensors else torch.float32
+    device = "cuda" if tensors and tensors[0].device.type == "cuda" else "cpu"
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None) or "sdpa"
+    return names.get(dtype, "float32"), device, "eager" if attention == "eager" else "sdpa"
+
+
+# -- the estimate --------------------------------------------------------------------------
+
+
+def estimate(
+    model: str | os.PathLike[str] | ModelShape | nn.Module,
+    method: Method = "qlora-4",
+    *,
+    batch: int = 1,
+    seq_len: int = 512,
+    rank: int | None = None,
+    optimizer: Optimizer = "adamw",
+    grad_ckpt: bool = False,
+    compute_dtype: ComputeDtype | None = None,
+    device: Device | None = None,
+    chunked_loss: bool = True,
+    lora_dropout: float | None = None,
+    attention: Attention | None = None,
+    loss_chunk_tokens: int = 1024,
+) -> MemoryEstimate:
+    """Estimate the peak memory of one fine-tuning step.
+
+    Args:
+        model: a size ("135m", "7b", "13b", "30b", "70b", "110b", "8x7b", "8x22b", ... see
+            `SIZES`), a path to a ``config.json`` or a model directory, a `ModelShape`, or
+            a loaded ``nn.Module`` (its real parameters and buffers are counted, QuantLinear's
+            packed weights included; adapters already in it are taken as they are).
+        method: "full-amp", "full-16", "lora-16", "qlora-8", "qlora-4" or "qlora-2".
+        batch, seq_len: sequences per step and tokens per sequence.
+        rank: LoRA rank (default `LoraConfig`'s); ignored for full fine-tuning.
+        optimizer: "adamw", "adamw8bit", "sgd", "paged_adamw" or "paged_adamw8bit".
+        grad_ckpt: gradient checkpointing of every decoder layer.
+        compute_dtype: dtype of the activations; default bfloat16 on CUDA, float32 on the
+            CPU (for a module: its QuantLinear compute dtype, else its parameters' dtype).
+        device: "cuda" or "cpu" (dropout masks differ; paged states only page off CUDA);
+            default "cuda", or where the module's parameters are.
+        chunked_loss: the loss never forms full [T, V] float32 logits (our trainer); False
+            for transformers' ``model(ids, labels=...)`` loss.
+        lora_dropout: adapter dropout (default `LoraConfig`'s; for a module with adapters,
+            theirs).
+        attention: "sdpa" or "eager" (default: the module's configured implementation, else
+            "sdpa").
+        loss_chunk_tokens: tokens per chunk of the chunked loss.
+
+    Returns:
+        A `MemoryEstimate`; ``print`` it for a breakdown in GiB.
+
+    Raises:
+        ConfigError: an unknown size, method, optimizer or dtype, a missing config.json, or
+            a non-positive batch/seq_len/rank; the message lists the valid choices.
+    """
+    _choice("method", method, METHODS)
+    _choice("optimizer", optimizer, OPTIMIZERS)
+    _positive("batch", batch)
+    _positive("seq_len", seq_len)
+    defaults = LoraConfig()
+    rank = defaults.r if rank is None else _positive("rank", rank)
+    lora_dropout = defaults.dropout if lora_dropout is None else float(lora_dropout)
+    shape = model_shape(model)
+    notes: list[str] = []
+
+    if isinstance(model, nn.Module):
+        params, found_rank, found_dropout = _module_params(model, method, rank)
+        rank = found_rank
+        lora_dropout = found_dropout if found_dropout >= 0 else lora_dropout
+        module_dtype, module_device, module_attention = _module_defaults(model)
+        compute_dtype = compute_dtype or module_dtype  # type: ignore[assignment]
+        device = device or module_device  # type: ignore[assignment]
+        attention = attention or module_attention  # type: ignore[assignment]
+        name = shape.name
+    else:
+        params = _shape_params(shape, method, rank)
+        device = device or "cuda"
+        compute_dtype = compute_dtype or ("bfloat16" if device == "cuda" else "float32")
+        attention = attention or "sdpa"
+        name = shape.name
+    _choice("device", device, typing.get_args(Device))
+    _choice("compute_dtype", compute_dtype, typing.get_args(ComputeDtype))
+    _choice("attention", attention, typing.get_args(Attention))
+    notes += params.notes
+    assert device is not None and compute_dtype is not None and attention is not None
+
+    # Parameters, gradients, optimizer states (§7).
+    lora = not method.startswith("full")
+    adapters = math.ceil(params.trainable * params.trainable_dtype_bytes) if lora else 0
+    gradients = math.ceil(params.trainable * params.trainable_dtype_bytes)
+    if optimizer.endswith("adamw"):
+        states = math.ceil(2 * params.trainable * params.trainable_dtype_bytes)
+    elif optimizer.endswith("adamw8bit"):
+        states = math.ceil(2 * params.trainable * (1 + 4 / _OPTIM8_BLOCK))
+    else:
+        states = 0
+    offloaded = 0
+    if optimizer.startswith("paged_"):
+        if device == "cuda":
+            offloaded, states = states, 0
+            notes.append(
+                f"{optimizer}: {offloaded / GiB:.3g} GiB of optimizer states live in paged "
+                "(unified) memory, evicted to the host under pressure: not in the total"
+            )
+        else:
+            notes.append(f"{optimizer}: on the CPU paged memory is host memory: counted")
+
+    # Activations, logits, backward working memory (§2-§6).
+    run = _make_run(batch, seq_len, method, rank, lora_dropout, compute_dtype, device, attention)
+    p, t = run.p, run.tokens
+    layer = _sum(_layer(shape, run, input_requires_grad=True).items)
+    # Without checkpointing, the first layer's input (a frozen embedding's output) needs no
+    # gradient under LoRA; with it, transformers makes the embedding output require grad.
+    first_needs_grad = (not lora) or grad_ckpt
+    first = _sum(_layer(shape, run, input_requires_grad=first_needs_grad).items)
+    rope = 2 * seq_len * shape.d * p  # cos, sin: shared by all layers
+    final_norm = t * shape.hidden * 4 + t * 4
+    model_saved = rope + final_norm
+    if not lora:
+        ids = 8 * t  # the embedding saves the token ids
+        model_saved += ids + 2 * t * shape.hidden * p  # final norm's normed + lm_head input
+    if chunked_loss:
+        chunk = min(t, loss_chunk_tokens)
+        loss_saved = t * shape.hidden * p  # the final hidden state, kept for recomputation
+        loss_peak = loss_saved + 3 * chunk * shape.vocab * 4
+    else:
+        loss_saved = t * shape.vocab * 4 + 8 * t  # log_softmax output, targets
+        loss_peak = 3 * t * shape.vocab * 4 + 8 * t
+    # Backward working memory of one layer: the incoming gradient [T, h] and the two
+    # gradients of down_proj's input (base path in the compute dtype, adapter path in the
+    # adapter dtype) before they are summed.
+    workspace = t * shape.hidden * p + t * shape.intermediate * (p + (run.a if lora else p))
+
+    if grad_ckpt:
+        kept = shape.layers * t * shape.hidden * p
+        recompute = layer - (t * shape.hidden * 4 if p == 4 else 0)
+        loss_phase = (kept + model_saved, loss_peak, 0)
+        layer_phase = (kept + rope + recompute, 0, workspace)
+        saved_total = kept + model_saved + loss_saved
+    else:
+        stack = first + (shape.layers - 1) * layer
+        loss_phase = (stack + model_saved, loss_peak, 0)
+        layer_phase = (stack + rope, 0, workspace)
+        saved_total = stack + model_saved + loss_saved
+    if sum(loss_phase) >= sum(layer_phase):
+        activations, logits, overhead = loss_phase
+        phase = "loss backward (logits, log-softmax and their gradients)"
+    else:
+        activations, logits, overhead = layer_phase
+        phase = "a decoder layer's backward" + (" (recomputed)" if grad_ckpt else "")
+    if shape.is_moe:
+        notes.append("MoE activations are derived, not measured (experts as separate MLPs)")
+    if device == "cpu":
+        notes.append(
+            "CPU: live tensor memory; with glibc's default malloc, peak RSS can be 1.4-2.7x "
+            "this - set MALLOC_MMAP_THRESHOLD_=131072 (docs/memory.md)"
+        )
+
+    return MemoryEstimate(
+        model=name,
+        method=method,
+        batch=batch,
+        seq_len=seq_len,
+        rank=rank,
+        optimizer=optimizer,
+        grad_ckpt=grad_ckpt,
+        compute_dtype=compute_dtype,
+        device=device,
+        chunked_loss=chunked_loss,
+        params=params.total,
+        trainable_params=params.trainable,
+        weights=params.frozen_bytes,
+        adapters=adapters,
+        gradients=gradients,
+        optimizer_states=states,
+        activations=activations,
+        logits=logits,
+        overhead=overhead,
+        offloaded=offloaded,
+        peak_phase=phase,
+        saved_for_backward=saved_total,
+        notes=tuple(notes),
+    )
