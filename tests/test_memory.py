@@ -22,6 +22,7 @@ from qlora.memory import (
     quant_storage,
     quantized_bytes,
 )
+from tests.tiny_models import tiny_llama as build_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,17 +39,7 @@ LLAMA2_7B_CONFIG = {
 
 
 def tiny_llama(tied: bool = False, attention: str = "sdpa") -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=tied,
-        attn_implementation=attention,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return build_tiny_llama(vocab=256, tied=tied, attn_implementation=attention).train()
 
 
 def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:

@@ -15,6 +15,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from tests.tiny_models import tiny_llama
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,17 +60,8 @@ def test_int4_odd_sizes() -> None:
 
 
 def test_report_on_tiny_llama() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    reference = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    reference = tiny_llama(vocab=96, tied=True)
     models, rows = {}, {}
     for variant in qq.VARIANTS:
         models[variant.name], states = qq.build_variant(reference, variant)
@@ -82,7 +75,7 @@ def test_report_on_tiny_llama() -> None:
     assert rows["int8"]["rel_fro_overall"] < rows["nf4"]["rel_fro_overall"]
     assert rows["nf4"]["rel_fro_overall"] < rows["nf2+DQ"]["rel_fro_overall"]
 
-    tokens = torch.randint(0, config.vocab_size, (70,))
+    tokens = torch.randint(0, reference.config.vocab_size, (70,))
     scores = qq.evaluate(models, tokens, window=32, progress=False)
     assert scores["fp32"]["positions"] == 31 + 31 + 5  # windows of 32, 32 and 6 tokens
     assert scores["fp32"]["kl"] == 0.0 and scores["fp32"]["top1_agree"] == 1.0

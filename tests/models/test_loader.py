@@ -19,6 +19,7 @@ from qlora.models.registry import RegisteredModel
 from qlora.nn import QuantLinear, quantize_model
 from qlora.quant import dequantize, quantize
 from tests.conftest import requires_bnb
+from tests.tiny_models import tiny_llama as build_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,18 +27,9 @@ VOCAB = 256
 
 
 def tiny_llama(tied: bool = False, bias: bool = False, seed: int = 0) -> nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=tied,
-        attention_bias=bias,
+    model = build_tiny_llama(
+        hidden=128, intermediate=256, vocab=VOCAB, tied=tied, seed=seed, attention_bias=bias
     )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # non-trivial norms, so a missed norm tensor would show
         for name, param in model.named_parameters():
             if "norm" in name:

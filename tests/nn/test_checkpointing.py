@@ -4,20 +4,13 @@ import pytest
 import torch
 
 import qlora
+from tests.tiny_models import tiny_llama as build_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return transformers.LlamaForCausalLM(config).to(dtype)
+    return build_tiny_llama().train().to(dtype)
 
 
 def adapter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
