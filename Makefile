@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_dequant.py
 	$(BIN)/python benchmarks/bench_load.py
 	$(BIN)/python benchmarks/quant_quality.py
+	$(BIN)/python benchmarks/check_memory.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/qlora/quant/kernels/*.so .pytest_cache .ruff_cache
