@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union
 
-__all__ = ["ConfigError", "LoraConfig", "QuantConfig", "from_dict"]
+__all__ = ["ConfigError", "DataConfig", "LoraConfig", "QuantConfig", "TrainConfig", "from_dict"]
 
 T = TypeVar("T")
 
@@ -92,6 +92,100 @@ class LoraConfig:
         return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
 
 
+@dataclass
+class DataConfig:
+    """Training data: where it is, how records become token ids and labels.
+
+    Attributes:
+        path: a JSON (a list of records) or JSONL file.
+        format: "alpaca" (instruction, input, output), "chat" (messages with role/content),
+            "text" (plain text, continued pre-training), or "auto" (decided per file from the
+            first record's keys).
+        eval_path: a held-out file in the same format; when None, ``eval_fraction`` of the
+            records (a seeded shuffle) is held out instead.
+        eval_fraction: share of records held out for evaluation when ``eval_path`` is None.
+        max_seq_len: longer examples are truncated (the count is reported).
+        train_on_prompt: also compute the loss on prompt tokens (default: response only,
+            prompt labels are -100).
+        packing: pack several examples into one sequence (attention does not cross example
+            boundaries where the architecture allows; see qlora.data).
+        group_by_length: batch examples of similar length together (less padding).
+        on_bad_record: "error" (stop with the file and line number) or "skip" (skip and count).
+        seed: the shuffle / split seed.
+    """
+
+    path: str = ""
+    format: Literal["auto", "alpaca", "chat", "text"] = "auto"
+    eval_path: str | None = None
+    eval_fraction: float = 0.05
+    max_seq_len: int = 512
+    train_on_prompt: bool = False
+    packing: bool = False
+    group_by_length: bool = True
+    on_bad_record: Literal["error", "skip"] = "error"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_seq_len <= 0:
+            raise ConfigError(f"data.max_seq_len must be positive, got {self.max_seq_len}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimization loop. Defaults follow the QLoRA recipe where one applies.
+
+    Attributes:
+        output_dir: where checkpoints, the adapter, metrics.jsonl and the loss plot go.
+        batch_size: examples per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        max_steps: optimizer steps (takes precedence over epochs when > 0).
+        epochs: passes over the training data when ``max_steps`` is 0.
+        lr: peak learning rate (QLoRA: 2e-4 for 7B-13B models).
+        schedule: "constant" (QLoRA's choice), "cosine" or "linear", after warmup.
+        warmup_steps: linear warmup from 0.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping (QLoRA: 0.3); 0 disables it.
+        optim: the optimizer ("adamw"; 8-bit and paged variants arrive with qlora.optim).
+        grad_ckpt: recompute activations in backward (less memory, ~30% more compute).
+        loss_chunk: tokens per chunk of the output-head + cross-entropy computation, so the
+            full [tokens x vocab] fp32 logits are never materialized.
+        eval_every: evaluate every N optimizer steps (0: only at the end).
+        save_every: checkpoint every N optimizer steps (0: only at the end).
+        log_every: print a line every N steps (metrics.jsonl gets every step).
+        seed: seeds Python, torch and the data order.
+        tensorboard: also log to TensorBoard (needs the tensorboard package).
+    """
+
+    output_dir: str = "out"
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = 0
+    epochs: float = 1.0
+    lr: float = 2e-4
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    optim: Literal["adamw"] = "adamw"
+    grad_ckpt: bool = False
+    loss_chunk: int = 1024
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "loss_chunk"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+
+
 def _check_value(name: str, value: Any, annotation: Any) -> None:
     origin = typing.get_origin(annotation)
     if origin is Literal:
@@ -149,6 +243,7 @@ def from_dict(cls: type[T], values: dict[str, Any], section: str = "") -> T:
             raise ConfigError(f"unknown config key {prefix}{key!r}; valid keys: {', '.join(names)}")
         _check_value(prefix + key, value, hints[key])
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
-    if cls is LoraConfig and isinstance(kwargs.get("alpha"), int):
-        kwargs["alpha"] = float(kwargs["alpha"])
+    for key, hint in hints.items():  # YAML writes 2 for 2.0: keep float fields floats
+        if hint is float and isinstance(kwargs.get(key), int):
+            kwargs[key] = float(kwargs[key])
     return cls(**kwargs)
