@@ -7,13 +7,24 @@ valid ones, so a typo in a YAML file fails loudly instead of being silently igno
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union
 
-__all__ = ["ConfigError", "DataConfig", "LoraConfig", "QuantConfig", "TrainConfig", "from_dict"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "QuantConfig",
+    "RunConfig",
+    "TrainConfig",
+    "from_dict",
+    "load_run_config",
+]
 
 T = TypeVar("T")
 
@@ -186,6 +197,96 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
+@dataclass
+class ModelConfig:
+    """Which base model, and where it runs.
+
+    Attributes:
+        source: a registered name (default smollm2-135m), a Hugging Face directory, a .gguf
+            file or a directory saved pre-quantized by bitsandbytes (see qlora.load_model).
+        dtype: dtype of the parts kept in full precision ("auto": float32 on CPU, bfloat16
+            on CUDA).
+        device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
+    """
+
+    source: str = "smollm2-135m"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    """A whole fine-tuning run: the sections of a recipe YAML file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "quant": QuantConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+}
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, YAML-parsed value)."""
+    import yaml
+
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=1e-4")
+    dotted, raw = item.split("=", 1)
+    section, key = dotted.split(".", 1)
+    return section, key, yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe YAML (sections model, quant, lora, data, train) and apply overrides.
+
+    Args:
+        path: the YAML file (None: all defaults).
+        overrides: ``section.key=value`` strings; values are parsed as YAML (1e-4, true, [a, b]).
+
+    Raises:
+        ConfigError: a missing or unreadable file, an unknown section or key, a bad value;
+            the message names it and lists the valid ones.
+    """
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected sections {', '.join(_SECTIONS)} at the top")
+    for item in overrides or []:
+        section, key, value = _parse_override(item)
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        values[section][key] = value
+    sections = {}
+    for name, body in values.items():
+        if name not in _SECTIONS:
+            raise ConfigError(
+                f"unknown config section {name!r}; valid sections: {', '.join(_SECTIONS)}"
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {body!r}")
+        sections[name] = from_dict(_SECTIONS[name], body, section=name)
+    return RunConfig(**sections)
+
+
 def _check_value(name: str, value: Any, annotation: Any) -> None:
     origin = typing.get_origin(annotation)
     if origin is Literal:
@@ -238,9 +339,16 @@ def from_dict(cls: type[T], values: dict[str, Any], section: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     prefix = f"{section}." if section else ""
+    values = dict(values)
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"unknown config key {prefix}{key!r}; valid keys: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown config key {prefix + key!r}; valid keys: {', '.join(names)}"
+            )
+        if hints[key] is float and isinstance(value, str):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; accept it as the number it means.
+            with contextlib.suppress(ValueError):
+                values[key] = value = float(value)
         _check_value(prefix + key, value, hints[key])
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
     for key, hint in hints.items():  # YAML writes 2 for 2.0: keep float fields floats
