@@ -173,7 +173,8 @@ def _prequantized(config: Any) -> dict[str, Any] | None:
     if qc is None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    if qc.get("quant_method") in ("bitsandbytes", "qlora") and qc.get("load_in_4bit", True):
+    method = qc.get("quant_method")
+    if method == "qlora" or (method == "bitsandbytes" and qc.get("load_in_4bit", True)):
         return qc
     raise ModelLoadError(
         f"unsupported quantization_config {qc.get('quant_method')!r} "
