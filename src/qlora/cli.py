@@ -73,6 +73,83 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_args(sub: argparse.ArgumentParser, quant_default: str = "nf4") -> None:
+    sub.add_argument(
+        "--model", default="smollm2-135m", help="registered name, HF directory or .gguf file"
+    )
+    sub.add_argument(
+        "--quant",
+        default=quant_default,
+        choices=("nf4", "fp4", "int8", "nf2", "none"),
+        help="how to store the base's Linear weights (default %(default)s)",
+    )
+    sub.add_argument("--adapter", action="append", default=[], help="a LoRA adapter directory")
+
+
+def _load(args: argparse.Namespace, tokenizer: bool = True) -> tuple:
+    from qlora.models import load_model
+
+    quant = None if args.quant == "none" else args.quant
+    model, tok = load_model(args.model, quant=quant, tokenizer=tokenizer)
+    for directory in args.adapter:
+        from qlora.adapters import load_adapter
+
+        load_adapter(model, directory)
+    return model, tok
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+    }
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Prompt -> text, streamed to the terminal."""
+    from qlora.generate import generate_text
+
+    model, tok = _load(args)
+    messages = [{"role": "user", "content": args.prompt}]
+    generate_text(model, tok, messages, raw=args.raw, stream=sys.stdout, **_generation_kwargs(args))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """Interactive chat with the chat template; history kept until /reset."""
+    from qlora.generate import chat_loop
+
+    model, tok = _load(args)
+    chat_loop(model, tok, sys.stdin, **_generation_kwargs(args))
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    """Write a pre-quantized checkpoint in the bitsandbytes layout."""
+    from qlora.models import load_model, save_quantized
+
+    model, tok = load_model(
+        args.source,
+        quant=args.quant,
+        double_quant=args.double_quant,
+        blocksize=args.blocksize,
+    )
+    out = save_quantized(model, args.output, tok)
+    info = model.qlora_load_info
+    print(
+        f"wrote {out}: {info.quantized_layers} {args.quant} layers, "
+        f"{info.bits_per_quantized_param:.3f} bits/param in the quantized layers"
+    )
+    return 0
+
+
+def _add_generation_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--max-new-tokens", type=int, default=256)
+    sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    sub.add_argument("--top-p", type=float, default=0.9)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import qlora
 
@@ -112,6 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="ours beside the published rule-of-thumb table (docs/memory.md)",
     )
     est.set_defaults(handler=_estimate)
+
+    gen = commands.add_parser("generate", help="prompt -> text, streamed (optional adapters)")
+    gen.add_argument("prompt")
+    _add_model_args(gen)
+    _add_generation_args(gen)
+    gen.add_argument("--raw", action="store_true", help="no chat template")
+    gen.set_defaults(handler=_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat with the chat template")
+    _add_model_args(chat)
+    _add_generation_args(chat)
+    chat.set_defaults(handler=_chat)
+
+    quant = commands.add_parser(
+        "quantize", help="write a pre-quantized checkpoint (bitsandbytes layout)"
+    )
+    quant.add_argument("source", help="registered name, HF directory or .gguf file")
+    quant.add_argument("output", help="the directory to write")
+    quant.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "int8", "nf2"))
+    quant.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    quant.add_argument("--blocksize", type=int, default=64)
+    quant.set_defaults(handler=_quantize)
     return parser
 
 
@@ -121,7 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    return int(args.handler(args))
+    from qlora.config import ConfigError
+    from qlora.models import ModelLoadError
+
+    try:
+        return int(args.handler(args))
+    except (ConfigError, ModelLoadError, FileNotFoundError, ValueError) as err:
+        # Bad input: one line naming the culprit, not a traceback.
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"qlora {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -68,3 +68,36 @@ def test_default_model_in_nf4_answers_a_chat_question(nf4_model) -> None:
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_chat_loop_streams_and_keeps_history(nf4_model) -> None:
+    import io
+
+    from qlora.generate import chat_loop
+
+    model, tok = nf4_model
+    out = io.StringIO()
+    history = chat_loop(
+        model,
+        tok,
+        ["What is the capital of France?", "/exit", "never read"],
+        write=out.write,
+        out=out,
+        max_new_tokens=10,
+    )
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert "Paris" in history[1]["content"] and "Paris" in out.getvalue()
+
+
+def test_cli_generate_and_quantize(converted: Path, tmp_path: Path, capsys) -> None:
+    from qlora.cli import main
+
+    assert main(["generate", "What is the capital of France?", "--model", str(converted),
+                 "--max-new-tokens", "10"]) == 0  # fmt: skip
+    assert "Paris" in capsys.readouterr().out
+    assert main(["quantize", str(converted), str(tmp_path / "q"), "--quant", "nf4"]) == 0
+    assert "210 nf4 layers" in capsys.readouterr().out
+    again, _ = load_model(tmp_path / "q", progress=False)
+    assert again.qlora_load_info.prequantized
+    assert main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 2
+    assert "not a directory, a file or a registered model" in capsys.readouterr().err
