@@ -3,7 +3,16 @@
 The public API (see DESIGN.md §3); everything else is internal and may change.
 """
 
-from qlora.config import ConfigError, LoraConfig, QuantConfig
+from qlora.adapters import export_merged, load_adapter, save_adapter
+from qlora.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    QuantConfig,
+    RunConfig,
+    TrainConfig,
+)
 from qlora.models import ModelLoadError, load_model
 from qlora.nn import (
     LoRALinear,
@@ -17,26 +26,38 @@ from qlora.nn import (
     trainable_report,
 )
 from qlora.quant import QuantState, dequantize, quantize
+from qlora.train import TrainingError, TrainResult, evaluate, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "DataConfig",
     "LoRALinear",
     "LoraConfig",
+    "ModelConfig",
     "ModelLoadError",
     "QuantConfig",
     "QuantLinear",
     "QuantState",
+    "RunConfig",
+    "TrainConfig",
+    "TrainResult",
     "TrainableReport",
+    "TrainingError",
     "__version__",
     "add_lora",
     "dequantize",
     "disable_adapters",
+    "evaluate",
+    "export_merged",
+    "load_adapter",
     "load_model",
     "merge",
     "quantize",
     "quantize_model",
+    "save_adapter",
     "set_adapter",
+    "train",
     "trainable_report",
 ]

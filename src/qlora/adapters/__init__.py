@@ -1,0 +1,29 @@
+"""Adapter files and merged exports: PEFT-compatible save/load, merge into a plain checkpoint."""
+
+from qlora.adapters.merge import (
+    ExportError,
+    ExportReport,
+    export_merged,
+    measure_drift,
+    merged_state_dict,
+)
+from qlora.adapters.peft_format import (
+    AdapterFormatError,
+    AdapterNotFoundError,
+    adapter_config,
+    load_adapter,
+    save_adapter,
+)
+
+__all__ = [
+    "AdapterFormatError",
+    "AdapterNotFoundError",
+    "ExportError",
+    "ExportReport",
+    "adapter_config",
+    "export_merged",
+    "load_adapter",
+    "measure_drift",
+    "merged_state_dict",
+    "save_adapter",
+]

@@ -1,0 +1,244 @@
+"""Reading and validating PEFT adapter files, before anything touches the model.
+
+`load_adapter` (in `peft_format`) calls these in order: find the two files, parse the
+config (rejecting anything that is not plain LoRA on Linear layers), read the weights, and
+match every key to a Linear layer of the model with the shapes the config implies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from qlora.models.safetensors_io import SafetensorsError, SafetensorsReader
+from qlora.nn.inject import lora_layers
+from qlora.nn.lora import LoRALinear
+from qlora.nn.qlinear import QuantLinear
+
+__all__ = [
+    "CONFIG_NAME",
+    "PREFIX",
+    "WEIGHTS_NAME",
+    "AdapterFormatError",
+    "AdapterNotFoundError",
+    "Spec",
+    "find_files",
+    "match_weights",
+    "parse_config",
+    "read_weights",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
+)
+
+# Config keys that, when set, mean the file holds more than plain LoRA on Linear layers.
+_UNSUPPORTED: dict[str, str] = {
+    "use_dora": "DoRA adds a magnitude vector per layer",
+    "lora_bias": "it trains a bias on lora_B",
+    "fan_in_fan_out": "its weights are transposed for Conv1D layers",
+    "modules_to_save": "it stores full copies of extra modules",
+    "trainable_token_indices": "it trains embedding rows",
+    "layer_replication": "it duplicates decoder layers",
+    "target_parameters": "it adapts raw parameters, not Linear layers",
+    "use_qalora": "QA-LoRA pools the adapter input",
+    "alora_invocation_tokens": "activated LoRA depends on invocation tokens",
+    "use_bdlora": "BD-LoRA uses block-diagonal factors",
+    "arrow_config": "Arrow routes between several adapters",
+    "megatron_config": "its layers are Megatron-parallel",
+}
+# init schemes that rewrite the base weights, so the adapter is relative to another base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+class AdapterFormatError(ValueError):
+    """An adapter file is malformed or does not fit the model; the message names file and key."""
+
+
+class AdapterNotFoundError(FileNotFoundError):
+    """An adapter directory or one of its two files is missing."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What load needs from ``adapter_config.json``, validated."""
+
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    init: Literal["kaiming", "gaussian"]
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+    def pattern_value(self, pattern: dict[str, Any], module: str, default: Any) -> Any:
+        """PEFT's rule: the first key that regex-matches a dotted suffix of the module name."""
+        for key, value in pattern.items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        return default
+
+    def rank_alpha(self, module: str) -> tuple[int, float]:
+        r = int(self.pattern_value(self.rank_pattern, module, self.r))
+        return r, float(self.pattern_value(self.alpha_pattern, module, self.alpha))
+
+
+def find_files(directory: Path) -> tuple[Path, Path]:
+    """(config, weights) paths; the error hints at PEFT's multi-adapter subfolders and .bin."""
+    if not directory.is_dir():
+        raise AdapterNotFoundError(f"adapter directory {directory} does not exist")
+    config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config.is_file():
+        subdirs = sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
+        hint = (
+            f"; it holds adapters in {', '.join(subdirs)}: pass {directory}/<name>"
+            if subdirs
+            else ""
+        )
+        raise AdapterNotFoundError(f"{config} is missing: not a PEFT adapter directory{hint}")
+    if not weights.is_file():
+        hint = (
+            "; found adapter_model.bin (pickle), re-save it as safetensors"
+            if (directory / "adapter_model.bin").is_file()
+            else ""
+        )
+        raise AdapterNotFoundError(f"{weights} is missing{hint}")
+    return config, weights
+
+
+def parse_config(path: Path) -> Spec:
+    """Validate ``adapter_config.json``: plain LoRA only, since anything else (DoRA, extra
+    trainable modules, base-rewriting inits) would load silently wrong as plain LoRA."""
+
+    def bad(message: str) -> AdapterFormatError:
+        return AdapterFormatError(f"{path}: {message}")
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise bad("expected a JSON object")
+    if raw.get("peft_type") != "LORA":
+        raise bad(f'peft_type is {raw.get("peft_type")!r}; only LoRA adapters ("LORA") load')
+    for key, why in _UNSUPPORTED.items():
+        if raw.get(key):
+            raise bad(f"{key}={raw[key]!r} is not supported ({why}); use PEFT for this adapter")
+    if raw.get("bias", "none") != "none":
+        raise bad(f"bias={raw['bias']!r} is not supported (it trains base biases); only 'none'")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise bad(
+            f"init_lora_weights={init!r} changes the base weights; convert the adapter to "
+            "plain LoRA with PEFT (path_initial_model_for_weight_conversion) first"
+        )
+    r, alpha, dropout = raw.get("r"), raw.get("lora_alpha", 8), raw.get("lora_dropout", 0.0)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise bad(f"r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise bad(f"lora_alpha must be a number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise bad(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = raw.get(key) or {}
+        if not isinstance(value, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise bad(f"{key} must map module-name patterns to numbers, got {value!r}")
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise bad(f"{key} key {pattern!r} is not a valid regex ({err})") from None
+        patterns[key] = value
+    return Spec(
+        r=r,
+        alpha=float(alpha),
+        dropout=float(dropout),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        init="gaussian" if init == "gaussian" else "kaiming",
+        rank_pattern=patterns["rank_pattern"],
+        alpha_pattern=patterns["alpha_pattern"],
+    )
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the file (adapters are small), with our reader's file-naming errors."""
+    try:
+        with SafetensorsReader(path) as reader:
+            return {key: reader.get(key).clone() for key in reader.names()}
+    except SafetensorsError as err:
+        raise AdapterFormatError(str(err)) from None
+
+
+def match_weights(
+    model: nn.Module, tensors: dict[str, torch.Tensor], spec: Spec, path: Path
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (A [r, in], B [out, r]), every key and shape checked against the model."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    wrapped = [n for n, _ in lora_layers(model)]
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterFormatError(
+                f"{path}: key {key!r} is not a lora_A/lora_B weight of a Linear layer; "
+                "only plain LoRA adapters load"
+            )
+        module, ab = match["module"], match["ab"]
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            layer = None
+        inside = any(module.startswith(p + ".") for p in wrapped)
+        if inside or not isinstance(layer, nn.Linear | QuantLinear | LoRALinear):
+            example = next((n for n, _ in lora_layers(model)), None) or next(
+                (n for n, m in model.named_modules() if isinstance(m, nn.Linear | QuantLinear)), ""
+            )
+            raise AdapterFormatError(
+                f"{path}: key {key!r} names {module!r}, which is no Linear layer of this model "
+                f"(its layers are named like {example!r}); is the adapter for another model?"
+            )
+        if ab in found.setdefault(module, {}):
+            raise AdapterFormatError(f"{path}: key {key!r} repeats the lora_{ab} of {module!r}")
+        found[module][ab] = tensor
+    if not found:
+        raise AdapterFormatError(f"{path}: holds no LoRA weights")
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, group in found.items():
+        missing = [ab for ab in "AB" if ab not in group]
+        if missing:
+            raise AdapterFormatError(f"{path}: {module!r} has no lora_{missing[0]} weight")
+        layer = model.get_submodule(module)
+        r, _ = spec.rank_alpha(module)
+        for ab, want in (("A", (r, layer.in_features)), ("B", (layer.out_features, r))):
+            got = tuple(group[ab].shape)
+            if got == want:
+                continue
+            rank_axis = 0 if ab == "A" else 1
+            key = f"{PREFIX}{module}.lora_{ab}.weight"
+            if len(got) == 2 and got[1 - rank_axis] == want[1 - rank_axis]:
+                raise AdapterFormatError(
+                    f"{path}: {key} has rank {got[rank_axis]} (shape {list(got)}) but "
+                    f"{CONFIG_NAME} gives r={r} for this layer; the two files do not belong "
+                    "together (check r and rank_pattern)"
+                )
+            raise AdapterFormatError(
+                f"{path}: {key} has shape {list(got)} but the model's layer has "
+                f"{layer.in_features} inputs and {layer.out_features} outputs (needs "
+                f"{list(want)}); the adapter was made for another base model"
+            )
+        for ab in "AB":
+            if not group[ab].is_floating_point():
+                raise AdapterFormatError(f"{path}: {module}.lora_{ab} is {group[ab].dtype}")
+        pairs[module] = (group["A"], group["B"])
+    return pairs
