@@ -144,6 +144,65 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    """Base + adapter -> a full-precision Hugging Face directory, with the measured drift."""
+    from qlora.adapters import export_merged
+
+    if not args.adapter:
+        print("qlora merge: error: give the adapter to merge with --adapter DIR", file=sys.stderr)
+        return 2
+    model, tok = _load(args)
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    report = export_merged(model, args.output, tok, check_input_ids=ids)
+    print(report)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Fine-tune from a recipe YAML with section.key=value overrides."""
+    from qlora.config import load_run_config
+    from qlora.recipe import run_training
+
+    config = load_run_config(args.config, args.set)
+    result = run_training(config, resume=args.resume)
+    train = result.train
+    evaluation = f", eval loss {train.eval_loss:.4f}" if train.eval_loss is not None else ""
+    print(
+        f"trained {train.steps} steps in {train.seconds:.0f} s: final loss "
+        f"{train.train_loss:.4f}{evaluation}; adapter in {result.adapter_dir}; metrics and "
+        f"loss.png in {train.output_dir}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Loss and perplexity on a dataset, with and without the adapter(s)."""
+    import math
+
+    from qlora.config import DataConfig
+    from qlora.data import BatchLoader, load_data, pad_id_of
+    from qlora.nn import disable_adapters
+    from qlora.train import evaluate
+
+    model, tok = _load(args)
+    data = load_data(
+        DataConfig(path=args.data, format=args.format, eval_fraction=0.0,
+                   max_seq_len=args.max_seq_len),
+        tok,
+    )  # fmt: skip
+    batches = list(BatchLoader(data.train, args.batch_size, pad_id_of(tok), shuffle=False))
+    rows = []
+    if args.adapter:
+        with disable_adapters(model):
+            rows.append(("base", evaluate(model, batches)))
+        rows.append(("base + adapter", evaluate(model, batches)))
+    else:
+        rows.append(("base", evaluate(model, batches)))
+    for name, loss in rows:
+        print(f"{name:<15} loss {loss:.4f}  perplexity {math.exp(loss):.3f}")
+    return 0
+
+
 def _add_generation_args(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--max-new-tokens", type=int, default=256)
     sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -211,6 +270,39 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
     quant.add_argument("--blocksize", type=int, default=64)
     quant.set_defaults(handler=_quantize)
+
+    merge = commands.add_parser(
+        "merge",
+        help="base + adapter -> full-precision HF checkpoint (folds into the dequantized base)",
+        description="Load the base as the adapter was trained (--quant, default nf4), apply "
+        "the adapter, fold B·A into the weights the adapter saw and write a checkpoint that "
+        "plain transformers loads; prints the measured logit drift.",
+    )
+    merge.add_argument("output", help="the directory to write")
+    _add_model_args(merge)
+    merge.set_defaults(handler=_merge)
+
+    train = commands.add_parser("train", help="fine-tune from a recipe YAML (configs/)")
+    train.add_argument("config", nargs="?", help="recipe YAML (default: all defaults)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.set_defaults(handler=_train)
+
+    ev = commands.add_parser(
+        "eval", help="loss / perplexity on a dataset, with and without adapters"
+    )
+    _add_model_args(ev)
+    ev.add_argument("--data", required=True, help="JSON/JSONL records")
+    ev.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "text"))
+    ev.add_argument("--max-seq-len", type=int, default=512)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.set_defaults(handler=_eval)
     return parser
 
 
@@ -225,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.handler(args))
-    except (ConfigError, ModelLoadError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as err:
         # Bad input: one line naming the culprit, not a traceback.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"qlora {args.command}: error: {message}", file=sys.stderr)

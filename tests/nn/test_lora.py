@@ -388,3 +388,18 @@ def test_qlora_matches_lora_on_dequantized_weight(bias: bool) -> None:
         assert grad_q is not None and torch.count_nonzero(grad_q) > 0
         torch.testing.assert_close(grad_q, grad_l)
     torch.testing.assert_close(xq.grad, xl.grad)
+
+
+def test_adapters_added_to_an_eval_model_stay_in_eval_mode() -> None:
+    from qlora.config import LoraConfig
+    from qlora.nn import add_lora
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama().eval()
+    add_lora(model, LoraConfig(r=4, dropout=0.5), verbose=False)
+    assert not any(m.training for m in model.modules())
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)  # dropout is off
+    model.train()
+    assert all(m.training for m in model.modules())

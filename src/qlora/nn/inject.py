@@ -248,6 +248,7 @@ def add_lora(
             layer = module
         else:
             layer = LoRALinear(module)
+            layer.train(module.training)  # follow the model's mode (eval after load_model)
             _replace(model, name, layer)
         layer.add_adapter(
             adapter_name,

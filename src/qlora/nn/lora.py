@@ -207,6 +207,8 @@ class LoRALinear(nn.Module):
         self.lora_A[name] = lora_a
         self.lora_B[name] = lora_b
         self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        for module in (lora_a, lora_b, self.lora_dropout[name]):
+            module.train(self.training)  # an adapter added to a model in eval mode stays eval
         self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
 
     def set_adapter(self, names: str | Iterable[str]) -> None:

@@ -1,0 +1,122 @@
+"""A whole fine-tuning run from a `RunConfig`: what ``qlora train CONFIG`` does.
+
+load_model (quantize-on-load) -> add_lora -> load_data -> train -> save_adapter, with the
+resolved config written beside the outputs so a run can be reproduced or resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from qlora.config import RunConfig
+from qlora.nn import add_lora
+
+__all__ = ["EpochBatches", "RunResult", "load_base", "run_training"]
+
+
+class _LazyBatches(Sequence):
+    """One epoch's batches, collated only when the trainer reaches them."""
+
+    def __init__(self, loader: Any, epoch: int) -> None:
+        self.loader, self.plan = loader, loader.batches(epoch)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        from qlora.data import collate
+
+        examples = [self.loader.examples[j] for j in self.plan[i]]
+        return collate(examples, self.loader.pad_id, **self.loader.collate_kwargs)
+
+
+@dataclass
+class EpochBatches:
+    """Adapts a `qlora.data.BatchLoader` to the trainer's ``epoch(e) -> batches``."""
+
+    loader: Any
+
+    def epoch(self, epoch: int) -> Sequence[dict[str, torch.Tensor]]:
+        return _LazyBatches(self.loader, epoch)
+
+
+@dataclass
+class RunResult:
+    model: nn.Module
+    tokenizer: Any
+    train: Any  # qlora.train.TrainResult
+    adapter_dir: Path
+    data_summary: str
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_base(config: RunConfig) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer as ``config.model`` and ``config.quant`` describe."""
+    from qlora.models import load_model
+
+    device = _device(config.model.device)
+    dtype = None if config.model.dtype == "auto" else config.model.dtype
+    quant = config.quant
+    return load_model(
+        config.model.source,
+        quant=quant.kind,
+        double_quant=quant.double_quant,
+        blocksize=quant.blocksize,
+        compute_dtype=quant.compute_dtype if quant.kind else None,
+        dtype=dtype,
+        target_modules=quant.target_modules,
+        device=device,
+    )
+
+
+def _write_config(config: RunConfig, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def run_training(config: RunConfig, resume: bool = False, progress: bool = True) -> RunResult:
+    """Fine-tune as ``config`` says; the adapter goes to ``<output_dir>/adapter`` (PEFT format)."""
+    from qlora.adapters import save_adapter
+    from qlora.data import BatchLoader, load_data, pad_id_of
+    from qlora.train import train
+
+    out = Path(config.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(config, out / "config.yaml")
+    model, tokenizer = load_base(config)
+    add_lora(model, config.lora)
+    data = load_data(config.data, tokenizer)
+    summary = data.summary()
+    print(summary)
+    pad = pad_id_of(tokenizer)
+    loader = BatchLoader(
+        data.train,
+        config.train.batch_size,
+        pad,
+        seed=config.data.seed,
+        group_by_length=config.data.group_by_length,
+    )
+    eval_batches = None
+    if data.eval:
+        eval_loader = BatchLoader(data.eval, config.train.batch_size, pad, shuffle=False)
+        eval_batches = list(eval_loader)
+    result = train(
+        model, config.train, EpochBatches(loader), eval_batches, resume=resume, progress=progress
+    )
+    adapter_dir = save_adapter(model, out / "adapter", base_model_name_or_path=config.model.source)
+    return RunResult(model, tokenizer, result, Path(adapter_dir), summary)
