@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml Makefile src/qlora/quant/kernels/cpu.c | $(BI
 	@touch $@
 
 install: $(VENV)/.installed
+
+# The main job: QLoRA fine-tune of the default model on a generated task, before/after.
+demo: install
+	$(BIN)/qlora demo
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

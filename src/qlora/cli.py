@@ -203,6 +203,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """The main job: QLoRA-teach the default model a task, with before/after accuracy."""
+    from qlora.demo import run_demo
+
+    run_demo(args.output_dir, steps=args.steps)
+    return 0
+
+
 def _add_generation_args(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--max-new-tokens", type=int, default=256)
     sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -303,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-seq-len", type=int, default=512)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.set_defaults(handler=_eval)
+
+    demo = commands.add_parser(
+        "demo", help="QLoRA-fine-tune the default model on a generated task: before/after"
+    )
+    demo.add_argument("--output-dir", default="out/demo")
+    demo.add_argument("--steps", type=int, default=40)
+    demo.set_defaults(handler=_demo)
     return parser
 
 

@@ -62,8 +62,15 @@ def test_train_save_reload_generate_merge(tmp_path: Path, capsys) -> None:
         out = fresh.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > ids.shape[1]
 
-    # qlora merge: a full-precision checkpoint that plain transformers loads, and the drift.
+    # qlora eval: loss and perplexity with and without the adapter.
     from qlora.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--data", str(tmp_path / "eval.jsonl"), "--adapter", str(adapter)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" loss")[0].strip() for line in lines[-2:]] == ["base", "base + adapter"]
+
+    # qlora merge: a full-precision checkpoint that plain transformers loads, and the drift.
 
     code = main(["merge", str(tmp_path / "merged"), "--adapter", str(adapter)])
     assert code == 0

@@ -118,3 +118,15 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> N
     assert len(expected) == len(got) == 10
     for step, (a, b) in enumerate(zip(expected, got, strict=True), start=1):
         assert abs(a - b) <= 1e-6, (step, a, b)
+
+
+def test_tensorboard_flag(tmp_path: Path) -> None:
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=2, tensorboard=True)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(TrainingError, match="pip install tensorboard"):
+            train(_model(), config, _batches(2), progress=False)
+        return
+    train(_model(), config, _batches(2), progress=False)
+    assert any((tmp_path / "tensorboard").iterdir())

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -142,6 +142,16 @@ def _enable_checkpointing(model: nn.Module) -> None:
     enable()
 
 
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
+        ) from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
 def _write_plot(history: list[dict[str, float]], path: Path) -> None:
     import matplotlib
 
@@ -236,6 +246,7 @@ def train(
         _enable_checkpointing(model)
     model.train()
 
+    board = _tensorboard(out) if config.tensorboard and main else None
     stream = _stream(train_data, epoch, index)
     bar = tqdm(
         total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main)
@@ -283,6 +294,10 @@ def train(
             eval_loss = evaluate(model, eval_data, config.loss_chunk)
             record["eval_loss"] = eval_loss
         history.append(record)
+        if board is not None:
+            for key, value in record.items():
+                if key != "step":
+                    board.add_scalar(key, value, step)
         if main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -310,6 +325,8 @@ def train(
                     },
                 )
     bar.close()
+    if board is not None:
+        board.close()
     if eval_data and (eval_loss is None or not config.eval_every or step % config.eval_every):
         eval_loss = evaluate(model, eval_data, config.loss_chunk)
         history.append({"step": step, "eval_loss": eval_loss})
