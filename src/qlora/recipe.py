@@ -99,6 +99,7 @@ def run_training(config: RunConfig, resume: bool = False, progress: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     _write_config(config, out / "config.yaml")
     model, tokenizer = load_base(config)
+    torch.manual_seed(config.train.seed)  # the adapters' initialization is part of the run
     add_lora(model, config.lora)
     data = load_data(config.data, tokenizer)
     summary = data.summary()
