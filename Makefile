@@ -41,6 +41,7 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/bench_dequant.py
 	$(BIN)/python benchmarks/bench_load.py
+	$(BIN)/python benchmarks/bench_optim.py
 	$(BIN)/python benchmarks/quant_quality.py
 	$(BIN)/python benchmarks/check_memory.py
 

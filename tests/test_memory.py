@@ -162,10 +162,14 @@ def test_optimizers() -> None:
     eight = estimate("7b", "qlora-4", optimizer="adamw8bit")
     assert eight.optimizer_states == pytest.approx(2.03125 * eight.trainable_params, rel=1e-6)
     assert estimate("7b", "qlora-4", optimizer="sgd").optimizer_states == 0
-    paged = estimate("7b", "qlora-4", optimizer="paged_adamw")
-    assert paged.optimizer_states == 0 and paged.offloaded == adamw.optimizer_states
-    assert paged.total == adamw.total - adamw.optimizer_states
+    paged = estimate("7b", "qlora-4", optimizer="paged_adamw")  # CUDA: two 64 MiB pages resident
+    assert paged.optimizer_states == 128 << 20
+    assert paged.offloaded == adamw.optimizer_states - (128 << 20)
+    assert paged.total == adamw.total - paged.offloaded
     assert any("paged" in note for note in paged.notes)
+    on_cpu = estimate("7b", "qlora-4", optimizer="paged_adamw8bit", device="cpu")
+    assert on_cpu.optimizer_states == 64 << 20  # one page of the memory-mapped file
+    assert on_cpu.offloaded == eight.optimizer_states - (64 << 20)
     full = estimate("7b", "full-amp")
     assert full.weights == 6 * full.params and full.optimizer_states == 8 * full.params
 

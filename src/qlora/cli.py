@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.handler(args))
-    except (ConfigError, ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (ConfigError, ModelLoadError, OSError, ValueError, RuntimeError) as err:
         # Bad input: one line naming the culprit, not a traceback.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"qlora {args.command}: error: {message}", file=sys.stderr)

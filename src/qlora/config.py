@@ -158,7 +158,13 @@ class TrainConfig:
         warmup_steps: linear warmup from 0.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping (QLoRA: 0.3); 0 disables it.
-        optim: the optimizer ("adamw"; 8-bit and paged variants arrive with qlora.optim).
+        optim: "adamw" (torch.optim.AdamW), "adamw8bit" (8-bit moments: 2 bytes of state per
+            trainable parameter instead of 8), "paged_adamw" / "paged_adamw8bit" (the state
+            kept off the compute device and paged in ``optim_page_mb`` at a time: pinned host
+            memory on a GPU, a memory-mapped file in ``optim_dir`` on a CPU). See qlora.optim.
+        optim_page_mb: page size of the paged optimizers, in MiB of state.
+        optim_dir: directory of the paged optimizers' state file on a CPU (default:
+            ``<output_dir>/optimizer-state``; use a disk, not a RAM-backed tmpfs).
         grad_ckpt: recompute activations in backward (less memory, ~30% more compute).
         loss_chunk: tokens per chunk of the output-head + cross-entropy computation, so the
             full [tokens x vocab] fp32 logits are never materialized.
@@ -179,7 +185,9 @@ class TrainConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 0.3
-    optim: Literal["adamw"] = "adamw"
+    optim: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw"
+    optim_page_mb: int = 64
+    optim_dir: str = ""
     grad_ckpt: bool = False
     loss_chunk: int = 1024
     eval_every: int = 0
@@ -189,7 +197,7 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "loss_chunk"):
+        for name in ("batch_size", "grad_accum", "loss_chunk", "optim_page_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):

@@ -1,6 +1,6 @@
 """A training run for the kill-and-resume test, run as a subprocess:
 
-    python -m tests.train.resume_child OUTPUT_DIR [--kill-at-batch N] [--resume]
+    python -m tests.train.resume_child OUTPUT_DIR [--kill-at-batch N] [--resume] [--optim O]
 
 The data object SIGKILLs its own process when batch N is requested (mid-run, after some
 checkpoints), exactly as a user's kill -9 would.
@@ -56,10 +56,12 @@ def main() -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--kill-at-batch", type=int)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--optim", default="adamw")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = tiny_llama(vocab=VOCAB, seed=0)
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1), verbose=False)
+    model.lm_head.weight.requires_grad_(True)  # 6144 elements: 8-bit optimizers quantize it
     config = TrainConfig(
         output_dir=args.output_dir,
         batch_size=2,
@@ -70,6 +72,8 @@ def main() -> None:
         warmup_steps=2,
         save_every=3,
         seed=7,
+        optim=args.optim,
+        optim_page_mb=1,  # several pages even for this tiny model
     )
     train(model, config, Data(args.kill_at_batch), resume=args.resume, progress=False)
 

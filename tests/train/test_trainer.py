@@ -105,13 +105,14 @@ def _child(out: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> None:
-    full = _child(tmp_path / "full")
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"])
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path: Path, optim: str) -> None:
+    full = _child(tmp_path / "full", "--optim", optim)
     assert full.returncode == 0, full.stderr
-    killed = _child(tmp_path / "killed", "--kill-at-batch", "15")  # during step 8
+    killed = _child(tmp_path / "killed", "--kill-at-batch", "15", "--optim", optim)  # step 8
     assert killed.returncode == -9, killed.stderr
     assert (tmp_path / "killed" / "latest").read_text().strip() == "checkpoint-6"
-    resumed = _child(tmp_path / "killed", "--resume")
+    resumed = _child(tmp_path / "killed", "--resume", "--optim", optim)
     assert resumed.returncode == 0, resumed.stderr
     expected = _losses(tmp_path / "full" / "metrics.jsonl")
     got = _losses(tmp_path / "killed" / "metrics.jsonl")
@@ -130,3 +131,19 @@ def test_tensorboard_flag(tmp_path: Path) -> None:
         return
     train(_model(), config, _batches(2), progress=False)
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_optimizer_choice_and_paged_state_errors(tmp_path: Path) -> None:
+    from qlora.config import ConfigError, load_run_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  max_steps: 1\n")
+    with pytest.raises(ConfigError, match="paged_adamw8bit"):  # lists the valid choices
+        load_run_config(recipe, ["train.optim=sgd"])
+    assert load_run_config(recipe, ["train.optim=adamw8bit"]).train.optim == "adamw8bit"
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    config = TrainConfig(output_dir=str(tmp_path / "out"), max_steps=1, optim="paged_adamw",
+                         optim_dir=str(blocked / "state"))  # fmt: skip
+    with pytest.raises(OSError, match=r"a-file/state: cannot create the paged optimizer state"):
+        train(_model(), config, _batches(1), progress=False)

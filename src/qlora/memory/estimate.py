@@ -35,6 +35,7 @@ from qlora.memory.shapes import (
 _QUANT_KIND = {"qlora-8": "int8", "qlora-4": "nf4", "qlora-2": "nf2"}
 # bitsandbytes' blockwise 8-bit optimizers: one float32 absmax per 256 values.
 _OPTIM8_BLOCK = 256
+_PAGE = 64 << 20  # the paged optimizers' default page (TrainConfig.optim_page_mb)
 GiB = 2**30
 
 
@@ -378,22 +379,25 @@ def estimate(
     lora = not method.startswith("full")
     adapters = math.ceil(params.trainable * params.trainable_dtype_bytes) if lora else 0
     gradients = math.ceil(params.trainable * params.trainable_dtype_bytes)
-    if optimizer.endswith("adamw"):
+    if optimizer == "adamw":
         states = math.ceil(2 * params.trainable * params.trainable_dtype_bytes)
+    elif optimizer == "paged_adamw":  # qlora.optim keeps float32 moments for any dtype
+        states = 8 * params.trainable
     elif optimizer.endswith("adamw8bit"):
         states = math.ceil(2 * params.trainable * (1 + 4 / _OPTIM8_BLOCK))
     else:
         states = 0
     offloaded = 0
     if optimizer.startswith("paged_"):
-        if device == "cuda":
-            offloaded, states = states, 0
-            notes.append(
-                f"{optimizer}: {offloaded / GiB:.3g} GiB of optimizer states live in paged "
-                "(unified) memory, evicted to the host under pressure: not in the total"
-            )
-        else:
-            notes.append(f"{optimizer}: on the CPU paged memory is host memory: counted")
+        # qlora.optim pages the states through one page (CPU: a memory-mapped file) or two
+        # (CUDA: double-buffered from pinned host memory) of _PAGE bytes.
+        resident = min(states, (2 if device == "cuda" else 1) * _PAGE)
+        offloaded, states = states - resident, resident
+        where = "pinned host memory" if device == "cuda" else "a memory-mapped file on disk"
+        notes.append(
+            f"{optimizer}: {offloaded / GiB:.3g} GiB of optimizer states live in {where}, "
+            f"paged in {_PAGE >> 20} MiB at a time: not in the total"
+        )
 
     # Activations, logits, backward working memory (§2-§6).
     run = _make_run(batch, seq_len, method, rank, lora_dropout, compute_dtype, device, attention)

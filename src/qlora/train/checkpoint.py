@@ -78,7 +78,9 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        # mmap: tensors are read from the file as they are copied into place, so resuming
+        # does not hold a second copy of (possibly paged, large) optimizer state in memory
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=False, mmap=True)
     except (OSError, RuntimeError, EOFError) as err:
         raise RuntimeError(
             f"{path / 'state.pt'}: cannot read the checkpoint ({err}); delete it to resume "

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlora.config import TrainConfig
+from qlora.optim import build_optimizer
 from qlora.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -217,7 +218,14 @@ def train(
         raise TrainingError("the training data has no batches")
     total_steps = config.max_steps or max(1, int(config.epochs * per_epoch) // config.grad_accum)
 
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(
+        config.optim,
+        params,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        page_bytes=config.optim_page_mb << 20,
+        state_dir=config.optim_dir or out / "optimizer-state",
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.schedule, config.warmup_steps, total_steps)
     )
@@ -324,6 +332,8 @@ def train(
                         "config": asdict(config),
                     },
                 )
+                if hasattr(optimizer, "release_pages"):  # saving read the paged state in
+                    optimizer.release_pages()
     bar.close()
     if board is not None:
         board.close()

@@ -240,6 +240,19 @@ static int has_avx2(void) {
 #endif
 }
 
+/* 8-bit codes to float32: one table lookup and one multiply per value. */
+static void dequant8_f32(const uint8_t *packed, const float *absmax, const float *code,
+                         float *out, int64_t n, int64_t blocksize, int nthreads) {
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 256)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const float scale = absmax[blk];
+        const int64_t start = blk * blocksize;
+        const int64_t end = start + blocksize < n ? start + blocksize : n;
+        for (int64_t i = start; i < end; i++) out[i] = code[packed[i]] * scale;
+    }
+}
+
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     unsigned long long packed, absmax, code, out;
     long long n, blocksize;
@@ -259,6 +272,11 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     if (nthreads < 1 || n < PARALLEL_MIN_ELEMENTS) nthreads = 1;
     Py_BEGIN_ALLOW_THREADS;
     int64_t done = 0;
+    if (bits == 8 && dtype == OUT_F32) {
+        dequant8_f32((const uint8_t *)packed, (const float *)absmax, (const float *)code,
+                     (float *)out, n, blocksize, nthreads);
+        done = (n + blocksize - 1) / blocksize;
+    }
 #ifdef QLORA_X86
     if (bits == 4 && blocksize % 32 == 0 && has_avx2()) {
         if (dtype == OUT_F32)
@@ -409,6 +427,221 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * 8-bit quantization through a lookup table on the float's bits (optimizer states).
+ *
+ * A binary search over 255 midpoints costs 8 dependent compares per value. Instead, the top
+ * bits of |v| - exponent and 10 mantissa bits - select a bucket whose relative width
+ * (2^-10) is below the smallest relative gap between neighbouring midpoints of the dynamic
+ * maps, so a bucket holds at most one midpoint (checked when the table is built, in
+ * qlora/optim/state8bit.py). lut[bucket] is the rank of the bucket's smallest value;
+ * one compare with the next midpoint finishes: rank = c + (bounds[c] < v). Buckets cover
+ * |v| in [2^-26, 2): smaller magnitudes all take `zero_rank` (no midpoint lies that close
+ * to 0); NaN falls back to the binary search. Same ranks as torch.bucketize, bit for bit.
+ * Layout: lut[((sign * 27) + exponent - 101) * 1024 + mantissa >> 13]; bounds has 256
+ * entries, the last +inf.
+ * ------------------------------------------------------------------------------------- */
+/* Quantize one block of `len` values (a short last block when len < blocksize). */
+static inline void quantize8_block(const float *x, int64_t len, int64_t blocksize,
+                                   const uint8_t *lut, const float *bounds, int zero_rank,
+                                   uint8_t *codes, float *absmax) {
+    /* eight independent running maxima (no loop-carried dependency), NaN tracked apart */
+    float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int nan = 0;
+    int64_t k = 0;
+    for (; k + 8 <= len; k += 8)
+        for (int j = 0; j < 8; j++) {
+            const float a = fabsf(x[k + j]);
+            lane[j] = a > lane[j] ? a : lane[j];
+            nan |= a != a;
+        }
+    for (; k < len; k++) {
+        const float a = fabsf(x[k]);
+        lane[0] = a > lane[0] ? a : lane[0];
+        nan |= a != a;
+    }
+    float m = lane[0];
+    for (int j = 1; j < 8; j++) m = lane[j] > m ? lane[j] : m;
+    if (nan) m = NAN;
+    const float floored = m > QUANT_TINY || m != m ? m : QUANT_TINY;
+    *absmax = len < blocksize ? floored : m;
+    const float inv = 1.0f / floored;
+    const int tail = len < blocksize;
+    for (k = 0; k < len; k++) {
+        float v = tail ? x[k] / floored : x[k] * inv;
+        v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+        uint32_t bits;
+        memcpy(&bits, &v, 4);
+        const uint32_t mag = bits & 0x7fffffffu;
+        const int32_t e = (int32_t)(mag >> 23) - 101;
+        int rank;
+        if (e < 0)
+            rank = zero_rank;
+        else if (e > 26)
+            rank = rank_of(v, bounds, 8); /* NaN */
+        else {
+            const int c = lut[((int32_t)(bits >> 31) * 27 + e) * 1024 + ((mag >> 13) & 1023)];
+            rank = c + (bounds[c] < v);
+        }
+        codes[k] = (uint8_t)rank;
+    }
+}
+
+static void quantize8_lut(const float *x, int64_t n, int64_t blocksize, const uint8_t *lut,
+                          const float *bounds, int zero_rank, uint8_t *codes, float *absmax,
+                          int nthreads) {
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 256)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        const int64_t start = blk * blocksize;
+        const int64_t len = n - start < blocksize ? n - start : blocksize;
+        quantize8_block(x + start, len, blocksize, lut, bounds, zero_rank, codes + start,
+                        absmax + blk);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * One AdamW step with 8-bit blockwise moments, fused: per block of 256, dequantize m and v,
+ * update them and the parameter, requantize. Element for element the same float32
+ * operations as qlora/optim/update.py::adamw_ (= torch.optim.AdamW's CPU kernels):
+ *   p *= decay                        (mul_, when weight decay is on)
+ *   m  = fma(w1, g - m, m)            (lerp_, weight < 0.5; fma(w1 - 1, g - m, g) otherwise)
+ *   v  = fma(w2 * g, g, v * beta2)    (mul_ then addcmul_)
+ *   p  = p + (neg_step * m) / (sqrt(v) / bc2_sqrt + eps)   (sqrt, div, add_, addcdiv_)
+ * Built with -std=c11, so the compiler contracts nothing else into an fma.
+ * ------------------------------------------------------------------------------------- */
+static void adamw8bit_step_generic(float *p, const float *g, uint8_t *cm, uint8_t *cv, float *am,
+                           float *av, int64_t n, const float *code_m, const float *code_v,
+                           const uint8_t *lut_m, const float *bounds_m, int zero_m,
+                           const uint8_t *lut_v, const float *bounds_v, int zero_v,
+                           int apply_decay, float decay, float w1, float beta2, float w2,
+                           float bc2_sqrt, float eps, float neg_step, int nthreads) {
+    const int64_t blocksize = 256;
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    const int small = fabsf(w1) < 0.5f;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        float m[256], v[256];
+        const int64_t start = blk * blocksize;
+        const int64_t len = n - start < blocksize ? n - start : blocksize;
+        const float sm = am[blk], sv = av[blk];
+        float *pp = p + start;
+        const float *gg = g + start;
+        const float mul = small ? w1 : w1 - 1.0f;
+        for (int64_t k = 0; k < len; k++) {
+            const float gk = gg[k];
+            float mk = code_m[cm[start + k]] * sm;
+            float vk = code_v[cv[start + k]] * sv;
+            float pk = pp[k];
+            pk = apply_decay ? pk * decay : pk;
+            mk = fmaf(mul, gk - mk, small ? mk : gk);
+            vk = fmaf(w2 * gk, gk, vk * beta2);
+            const float denom = sqrtf(vk) / bc2_sqrt + eps;
+            pp[k] = pk + (neg_step * mk) / denom;
+            m[k] = mk;
+            v[k] = vk;
+        }
+        quantize8_block(m, len, blocksize, lut_m, bounds_m, zero_m, cm + start, am + blk);
+        quantize8_block(v, len, blocksize, lut_v, bounds_v, zero_v, cv + start, av + blk);
+    }
+}
+
+#ifdef QLORA_X86
+/* The same code compiled for AVX2 + FMA: fmaf becomes one instruction instead of a libm call
+ * (no other expression is contracted: -std=c11 keeps -ffp-contract=off). */
+__attribute__((target("avx2,fma"))) static void adamw8bit_step_fma(float *p, const float *g, uint8_t *cm, uint8_t *cv, float *am,
+                           float *av, int64_t n, const float *code_m, const float *code_v,
+                           const uint8_t *lut_m, const float *bounds_m, int zero_m,
+                           const uint8_t *lut_v, const float *bounds_v, int zero_v,
+                           int apply_decay, float decay, float w1, float beta2, float w2,
+                           float bc2_sqrt, float eps, float neg_step, int nthreads) {
+    const int64_t blocksize = 256;
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    const int small = fabsf(w1) < 0.5f;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        float m[256], v[256];
+        const int64_t start = blk * blocksize;
+        const int64_t len = n - start < blocksize ? n - start : blocksize;
+        const float sm = am[blk], sv = av[blk];
+        float *pp = p + start;
+        const float *gg = g + start;
+        const float mul = small ? w1 : w1 - 1.0f;
+        for (int64_t k = 0; k < len; k++) {
+            const float gk = gg[k];
+            float mk = code_m[cm[start + k]] * sm;
+            float vk = code_v[cv[start + k]] * sv;
+            float pk = pp[k];
+            pk = apply_decay ? pk * decay : pk;
+            mk = fmaf(mul, gk - mk, small ? mk : gk);
+            vk = fmaf(w2 * gk, gk, vk * beta2);
+            const float denom = sqrtf(vk) / bc2_sqrt + eps;
+            pp[k] = pk + (neg_step * mk) / denom;
+            m[k] = mk;
+            v[k] = vk;
+        }
+        quantize8_block(m, len, blocksize, lut_m, bounds_m, zero_m, cm + start, am + blk);
+        quantize8_block(v, len, blocksize, lut_v, bounds_v, zero_v, cv + start, av + blk);
+    }
+}
+
+#endif
+
+static PyObject *py_adamw8bit_step(PyObject *self, PyObject *args) {
+    unsigned long long p, g, cm, cv, am, av, code_m, code_v, lut_m, bounds_m, lut_v, bounds_v;
+    long long n;
+    int zero_m, zero_v, apply_decay, nthreads;
+    float decay, w1, beta2, w2, bc2_sqrt, eps, neg_step;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKKKKLKKKKiKKiifffffffi", &p, &g, &cm, &cv, &am, &av, &n,
+                          &code_m, &code_v, &lut_m, &bounds_m, &zero_m, &lut_v, &bounds_v,
+                          &zero_v, &apply_decay, &decay, &w1, &beta2, &w2, &bc2_sqrt, &eps,
+                          &neg_step, &nthreads))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "invalid adamw8bit_step arguments");
+        return NULL;
+    }
+    if (nthreads < 1 || n < PARALLEL_MIN_ELEMENTS) nthreads = 1;
+    Py_BEGIN_ALLOW_THREADS;
+#ifdef QLORA_X86
+    if (has_avx2())
+        adamw8bit_step_fma((float *)p, (const float *)g, (uint8_t *)cm, (uint8_t *)cv, (float *)am,
+                       (float *)av, n, (const float *)code_m, (const float *)code_v,
+                       (const uint8_t *)lut_m, (const float *)bounds_m, zero_m,
+                       (const uint8_t *)lut_v, (const float *)bounds_v, zero_v, apply_decay, decay,
+                       w1, beta2, w2, bc2_sqrt, eps, neg_step, nthreads);
+    else
+#endif
+    adamw8bit_step_generic((float *)p, (const float *)g, (uint8_t *)cm, (uint8_t *)cv, (float *)am,
+                   (float *)av, n, (const float *)code_m, (const float *)code_v,
+                   (const uint8_t *)lut_m, (const float *)bounds_m, zero_m,
+                   (const uint8_t *)lut_v, (const float *)bounds_v, zero_v, apply_decay, decay,
+                   w1, beta2, w2, bc2_sqrt, eps, neg_step, nthreads);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_quantize8_lut(PyObject *self, PyObject *args) {
+    unsigned long long x, lut, bounds, codes, absmax;
+    long long n, blocksize;
+    int zero_rank, nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KLLKKiKKi", &x, &n, &blocksize, &lut, &bounds, &zero_rank,
+                          &codes, &absmax, &nthreads))
+        return NULL;
+    if (n < 0 || blocksize <= 0 || zero_rank < 0 || zero_rank > 255) {
+        PyErr_SetString(PyExc_ValueError, "invalid quantize8_lut arguments");
+        return NULL;
+    }
+    if (nthreads < 1 || n < PARALLEL_MIN_ELEMENTS) nthreads = 1;
+    Py_BEGIN_ALLOW_THREADS;
+    quantize8_lut((const float *)x, n, blocksize, (const uint8_t *)lut, (const float *)bounds,
+                  zero_rank, (uint8_t *)codes, (float *)absmax, nthreads);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_has_avx2(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -420,6 +653,12 @@ static PyMethodDef methods[] = {
      "dequantize(packed, absmax, code, out, n, blocksize, bits, dtype, nthreads): raw pointers"},
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(x, n, blocksize, bounds, order, bits, packed, absmax, nthreads): raw pointers"},
+    {"quantize8_lut", py_quantize8_lut, METH_VARARGS,
+     "quantize8_lut(x, n, blocksize, lut, bounds, zero_rank, codes, absmax, nthreads)"},
+    {"adamw8bit_step", py_adamw8bit_step, METH_VARARGS,
+     "adamw8bit_step(p, g, codes_m, codes_v, absmax_m, absmax_v, n, code_m, code_v, lut_m, "
+     "bounds_m, zero_m, lut_v, bounds_v, zero_v, apply_decay, decay, w1, beta2, w2, bc2_sqrt, "
+     "eps, neg_step, nthreads): raw pointers and float32 scalars"},
     {"has_avx2", py_has_avx2, METH_NOARGS, "whether the AVX2 path is used on this CPU"},
     {NULL, NULL, 0, NULL},
 };
