@@ -510,82 +510,46 @@ static void quantize8_lut(const float *x, int64_t n, int64_t blocksize, const ui
  *   p  = p + (neg_step * m) / (sqrt(v) / bc2_sqrt + eps)   (sqrt, div, add_, addcdiv_)
  * Built with -std=c11, so the compiler contracts nothing else into an fma.
  * ------------------------------------------------------------------------------------- */
-static void adamw8bit_step_generic(float *p, const float *g, uint8_t *cm, uint8_t *cv, float *am,
-                           float *av, int64_t n, const float *code_m, const float *code_v,
-                           const uint8_t *lut_m, const float *bounds_m, int zero_m,
-                           const uint8_t *lut_v, const float *bounds_v, int zero_v,
-                           int apply_decay, float decay, float w1, float beta2, float w2,
-                           float bc2_sqrt, float eps, float neg_step, int nthreads) {
-    const int64_t blocksize = 256;
-    const int64_t nblocks = (n + blocksize - 1) / blocksize;
-    const int small = fabsf(w1) < 0.5f;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        float m[256], v[256];
-        const int64_t start = blk * blocksize;
-        const int64_t len = n - start < blocksize ? n - start : blocksize;
-        const float sm = am[blk], sv = av[blk];
-        float *pp = p + start;
-        const float *gg = g + start;
-        const float mul = small ? w1 : w1 - 1.0f;
-        for (int64_t k = 0; k < len; k++) {
-            const float gk = gg[k];
-            float mk = code_m[cm[start + k]] * sm;
-            float vk = code_v[cv[start + k]] * sv;
-            float pk = pp[k];
-            pk = apply_decay ? pk * decay : pk;
-            mk = fmaf(mul, gk - mk, small ? mk : gk);
-            vk = fmaf(w2 * gk, gk, vk * beta2);
-            const float denom = sqrtf(vk) / bc2_sqrt + eps;
-            pp[k] = pk + (neg_step * mk) / denom;
-            m[k] = mk;
-            v[k] = vk;
-        }
-        quantize8_block(m, len, blocksize, lut_m, bounds_m, zero_m, cm + start, am + blk);
-        quantize8_block(v, len, blocksize, lut_v, bounds_v, zero_v, cv + start, av + blk);
-    }
-}
-
-#ifdef QLORA_X86
-/* The same code compiled for AVX2 + FMA: fmaf becomes one instruction instead of a libm call
- * (no other expression is contracted: -std=c11 keeps -ffp-contract=off). */
-__attribute__((target("avx2,fma"))) static void adamw8bit_step_fma(float *p, const float *g, uint8_t *cm, uint8_t *cv, float *am,
-                           float *av, int64_t n, const float *code_m, const float *code_v,
-                           const uint8_t *lut_m, const float *bounds_m, int zero_m,
-                           const uint8_t *lut_v, const float *bounds_v, int zero_v,
-                           int apply_decay, float decay, float w1, float beta2, float w2,
-                           float bc2_sqrt, float eps, float neg_step, int nthreads) {
-    const int64_t blocksize = 256;
-    const int64_t nblocks = (n + blocksize - 1) / blocksize;
-    const int small = fabsf(w1) < 0.5f;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-        float m[256], v[256];
-        const int64_t start = blk * blocksize;
-        const int64_t len = n - start < blocksize ? n - start : blocksize;
-        const float sm = am[blk], sv = av[blk];
-        float *pp = p + start;
-        const float *gg = g + start;
-        const float mul = small ? w1 : w1 - 1.0f;
-        for (int64_t k = 0; k < len; k++) {
-            const float gk = gg[k];
-            float mk = code_m[cm[start + k]] * sm;
-            float vk = code_v[cv[start + k]] * sv;
-            float pk = pp[k];
-            pk = apply_decay ? pk * decay : pk;
-            mk = fmaf(mul, gk - mk, small ? mk : gk);
-            vk = fmaf(w2 * gk, gk, vk * beta2);
-            const float denom = sqrtf(vk) / bc2_sqrt + eps;
-            pp[k] = pk + (neg_step * mk) / denom;
-            m[k] = mk;
-            v[k] = vk;
-        }
-        quantize8_block(m, len, blocksize, lut_m, bounds_m, zero_m, cm + start, am + blk);
-        quantize8_block(v, len, blocksize, lut_v, bounds_v, zero_v, cv + start, av + blk);
-    }
-}
-
+#if defined(QLORA_X86) && defined(__GNUC__) && !defined(__clang__)
+/* Compiled twice, dispatched at load time: with FMA, fmaf is one instruction instead of a
+ * libm call (nothing else is contracted: -std=c11 keeps -ffp-contract=off). */
+__attribute__((target_clones("fma", "default")))
 #endif
+static void adamw8bit_step(float *p, const float *g, uint8_t *cm, uint8_t *cv, float *am,
+                           float *av, int64_t n, const float *code_m, const float *code_v,
+                           const uint8_t *lut_m, const float *bounds_m, int zero_m,
+                           const uint8_t *lut_v, const float *bounds_v, int zero_v,
+                           int apply_decay, float decay, float w1, float beta2, float w2,
+                           float bc2_sqrt, float eps, float neg_step, int nthreads) {
+    const int64_t blocksize = 256;
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+    const int small = fabsf(w1) < 0.5f;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
+    for (int64_t blk = 0; blk < nblocks; blk++) {
+        float m[256], v[256];
+        const int64_t start = blk * blocksize;
+        const int64_t len = n - start < blocksize ? n - start : blocksize;
+        const float sm = am[blk], sv = av[blk];
+        float *pp = p + start;
+        const float *gg = g + start;
+        const float mul = small ? w1 : w1 - 1.0f;
+        for (int64_t k = 0; k < len; k++) {
+            const float gk = gg[k];
+            float mk = code_m[cm[start + k]] * sm;
+            float vk = code_v[cv[start + k]] * sv;
+            float pk = pp[k];
+            pk = apply_decay ? pk * decay : pk;
+            mk = fmaf(mul, gk - mk, small ? mk : gk);
+            vk = fmaf(w2 * gk, gk, vk * beta2);
+            const float denom = sqrtf(vk) / bc2_sqrt + eps;
+            pp[k] = pk + (neg_step * mk) / denom;
+            m[k] = mk;
+            v[k] = vk;
+        }
+        quantize8_block(m, len, blocksize, lut_m, bounds_m, zero_m, cm + start, am + blk);
+        quantize8_block(v, len, blocksize, lut_v, bounds_v, zero_v, cv + start, av + blk);
+    }
+}
 
 static PyObject *py_adamw8bit_step(PyObject *self, PyObject *args) {
     unsigned long long p, g, cm, cv, am, av, code_m, code_v, lut_m, bounds_m, lut_v, bounds_v;
@@ -604,16 +568,7 @@ static PyObject *py_adamw8bit_step(PyObject *self, PyObject *args) {
     }
     if (nthreads < 1 || n < PARALLEL_MIN_ELEMENTS) nthreads = 1;
     Py_BEGIN_ALLOW_THREADS;
-#ifdef QLORA_X86
-    if (has_avx2())
-        adamw8bit_step_fma((float *)p, (const float *)g, (uint8_t *)cm, (uint8_t *)cv, (float *)am,
-                       (float *)av, n, (const float *)code_m, (const float *)code_v,
-                       (const uint8_t *)lut_m, (const float *)bounds_m, zero_m,
-                       (const uint8_t *)lut_v, (const float *)bounds_v, zero_v, apply_decay, decay,
-                       w1, beta2, w2, bc2_sqrt, eps, neg_step, nthreads);
-    else
-#endif
-    adamw8bit_step_generic((float *)p, (const float *)g, (uint8_t *)cm, (uint8_t *)cv, (float *)am,
+    adamw8bit_step((float *)p, (const float *)g, (uint8_t *)cm, (uint8_t *)cv, (float *)am,
                    (float *)av, n, (const float *)code_m, (const float *)code_v,
                    (const uint8_t *)lut_m, (const float *)bounds_m, zero_m,
                    (const uint8_t *)lut_v, (const float *)bounds_v, zero_v, apply_decay, decay,
