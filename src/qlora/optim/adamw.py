@@ -345,6 +345,8 @@ class _AdamWFamily(torch.optim.Optimizer):
                 self._copy_out(page, views[i], non_blocking=False)
         if cuda:
             copy_stream.synchronize()
+        if self._arena is not None:  # a file-backed arena: drop what the copies read in
+            self._arena.release([(0, self._arena.nbytes)])
 
     @staticmethod
     def _copy_out(
