@@ -54,7 +54,9 @@ no-op and o_proj's input *is* the saved attention output.
 input width n: A saves its input - the dropout output [T, n]·a when dropout > 0, else the
 float32 cast [T, n]·a when the compute dtype is not float32, else x itself (shared with the
 other targets reading x) - and B saves A's output [T, r]·a; dropout adds its mask
-[T, n]·m (only if x needs a gradient). The layer, op by op:
+[T, n]·m (only if x needs a gradient). On the CPU in float32 the fused path
+(`qlora.nn.lora_fused`) regenerates the dropout mask from two seed words in backward, so
+every target saves x itself (shared), with or without dropout. The layer, op by op:
 
 ====================================  ====================  ===================================
 tensor                                saved by              bytes
@@ -197,6 +199,7 @@ class _Run:
     a: int  # adapter dtype bytes
     m: int  # dropout mask bytes
     attention: str
+    fused: bool = False  # LoRALinear's fused CPU path: dropout regenerated, x saved once
 
 
 def layer_saved_tensors(
@@ -252,7 +255,16 @@ def _make_run(
         # (float32, adapter-dtype) input's dtype.
         m=1 if device == "cuda" else adapter_bytes,
         attention=attention,
+        # float32 on the CPU runs qlora.nn.lora_fused (when its C kernel is built): dropout
+        # is regenerated from seeds in backward, so only x itself is kept, shared.
+        fused=lora and device == "cpu" and compute_dtype == "float32" and _fused_available(),
     )
+
+
+def _fused_available() -> bool:
+    from qlora.nn.dropout import ops_kernel
+
+    return ops_kernel() is not None
 
 
 def _linear_input(
@@ -276,7 +288,7 @@ def _linear_input(
             key=x_key,
         )
         return
-    if run.dropout:
+    if run.dropout and not run.fused:
         if x_requires_grad:
             saved.add(
                 f"{target} dropout mask",

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from qlora.nn.lora_fused import fused_lora, fused_lora_supported
 from qlora.nn.qlinear import QuantLinear
 
 __all__ = [
@@ -250,10 +251,34 @@ class LoRALinear(nn.Module):
     # -- forward -------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [.., in] -> [.., out] in the base output's dtype."""
+        """x [.., in] -> [.., out] in the base output's dtype.
+
+        One active adapter on a float32 CPU layer takes the fused path (`fused_lora`: one
+        autograd Function, counter-based dropout, nothing but the input saved); everything else
+        composes the modules (`reference_forward`).
+        """
         if self.disabled and self.merged:
             # A merged delta lives in the base weight, so "disabled" needs it out first (PEFT
             # does the same). unmerge is exact for QuantLinear bases, float-exact otherwise.
+            unmerge_adapter(self)
+        if not self.disabled and len(self.active_adapters) == 1 and not self.merged_adapters:
+            name = self.active_adapters[0]
+            if name in self.lora_A and fused_lora_supported(
+                self.base_layer, x, self.lora_A[name].weight, self.lora_dropout[name]
+            ):
+                return fused_lora(
+                    x,
+                    self.base_layer,
+                    self.lora_A[name],
+                    self.lora_B[name],
+                    self.lora_dropout[name],
+                    self.scaling[name],
+                )
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` composed from the modules: the oracle the fused path is tested against."""
+        if self.disabled and self.merged:
             unmerge_adapter(self)
         result = self.base_layer(x)  # [.., out]
         if self.disabled:

@@ -73,6 +73,34 @@ def quantized_matmul(x: torch.Tensor, state: QuantState) -> torch.Tensor:
     return _QuantMatmul.apply(x, state)
 
 
+def _fused_decode_applies(x: torch.Tensor, in_features: int) -> bool:
+    from qlora.quant.dequant import triton_enabled
+    from qlora.quant.kernels.triton_matmul import FUSED_MAX_TOKENS
+
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    return x.numel() // max(in_features, 1) <= FUSED_MAX_TOKENS and triton_enabled()
+
+
+def _fused_decode(x: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """x [.., in] @ deq(state)ᵀ by the fused Triton kernel (no dequantized copy)."""
+    from qlora.quant.blockwise import dequantize_absmax
+    from qlora.quant.kernels.triton_matmul import quantized_matmul_triton
+
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # [M, in]
+    out = quantized_matmul_triton(
+        rows,
+        state.packed.contiguous(),
+        dequantize_absmax(state).float().contiguous(),
+        state.code.float().contiguous(),
+        int(state.shape[0]),
+        int(state.shape[1]),
+        state.blocksize,
+        state.bits,
+    )  # [M, out]
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class QuantLinear(nn.Module):
     """A Linear layer whose weight is frozen and stored blockwise-quantized.
 
@@ -163,8 +191,15 @@ class QuantLinear(nn.Module):
         return dequantize(self.quant_state, dtype=dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [.., in] -> [.., out] (in x's dtype)."""
-        out = quantized_matmul(x.to(self.compute_dtype), self.quant_state)
+        """x [.., in] -> [.., out] (in x's dtype).
+
+        On CUDA, a few tokens without autograd (decoding) take the fused Triton kernel, which
+        reads the 4-bit codes once instead of writing and re-reading a dequantized copy.
+        """
+        if x.is_cuda and _fused_decode_applies(x, self.in_features):
+            out = _fused_decode(x.to(self.compute_dtype), self.quant_state)
+        else:
+            out = quantized_matmul(x.to(self.compute_dtype), self.quant_state)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype)

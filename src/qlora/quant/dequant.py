@@ -20,7 +20,7 @@ import torch
 from qlora.quant.blockwise import dequantize_absmax, dequantize_reference
 from qlora.quant.state import QuantState
 
-__all__ = ["cpu_kernel", "dequantize"]
+__all__ = ["cpu_kernel", "dequantize", "triton_enabled"]
 
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -38,7 +38,8 @@ def _load_cpu_kernel() -> ModuleType | None:
 _CPU_KERNEL = _load_cpu_kernel()
 
 
-def _triton_enabled() -> bool:
+def triton_enabled() -> bool:
+    """Whether Triton kernels may be used (installed, and not disabled by the environment)."""
     if os.environ.get("QLORA_DISABLE_KERNELS", "") not in ("", "0"):
         return False
     from qlora.quant.kernels.triton_dequant import available
@@ -92,7 +93,7 @@ def dequantize(
             _OUT_DTYPES[dtype],
             torch.get_num_threads(),
         )
-    elif state.device.type == "cuda" and dtype in _OUT_DTYPES and _triton_enabled():
+    elif state.device.type == "cuda" and dtype in _OUT_DTYPES and triton_enabled():
         from qlora.quant.kernels.triton_dequant import dequantize_triton
 
         result = (

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from qlora.config import TrainConfig
 from qlora.optim import build_optimizer
+from qlora.train.allocator import limit_heap_retention
 from qlora.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -252,6 +253,8 @@ def train(
         os.replace(tmp, metrics_path)
     if config.grad_ckpt:
         _enable_checkpointing(model)
+    if device.type == "cpu" and config.malloc_mmap_kb > 0:
+        limit_heap_retention(config.malloc_mmap_kb)
     model.train()
 
     board = _tensorboard(out) if config.tensorboard and main else None

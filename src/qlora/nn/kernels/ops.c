@@ -1,0 +1,94 @@
+/*
+ * Element-wise training kernels for the CPU: counter-based dropout.
+ *
+ * Dropout here is a pure function of (seed, element index): element i is kept when
+ *
+ *     hash32(hash32(i XOR seed_a) XOR seed_b) >= threshold        threshold = round(p * 2^32)
+ *
+ * where hash32 is Chris Wellons' "lowbias32" integer mixer (two xor-shift-multiply rounds,
+ * a bijection on 32-bit words with low avalanche bias). Nothing random is stored: the forward
+ * pass and the backward pass regenerate the same keep-mask from the two seed words, so a
+ * LoRA layer needs neither the mask nor the dropped-out copy of its input between the passes
+ * (the memory torch.nn.Dropout keeps: a bool mask and a float copy per adapter).
+ *
+ * The reference is qlora/nn/dropout.py::keep_mask_reference (the same hash in PyTorch int64
+ * arithmetic); tests compare the masks bit for bit.
+ *
+ * Index i is the element's offset in the flattened (contiguous) tensor, so i < 2^32 is
+ * required (checked on the Python side): 4 G elements per call.
+ *
+ * Compiled once per target (AVX2 / baseline) and chosen at load time; the loop is plain C
+ * that the compiler vectorizes (32-bit multiplies and shifts, a compare and a blend).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define QLORA_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define QLORA_CLONES
+#endif
+
+/* Below this many elements a single thread is faster than waking the pool. */
+static const int64_t PARALLEL_MIN_ELEMENTS = 1 << 16;
+
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/*
+ * out[i] = (accumulate ? out[i] : 0) + (keep(i) ? in[i] * scale : 0)    for i in [0, n)
+ *
+ * The per-element work is independent, so the range is split statically over threads.
+ */
+QLORA_CLONES
+static void dropout_f32(const float *in, float *out, int64_t n, uint32_t seed_a, uint32_t seed_b,
+                        uint32_t threshold, float scale, int accumulate, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t h = lowbias32(lowbias32((uint32_t)i ^ seed_a) ^ seed_b);
+        float v = h >= threshold ? in[i] * scale : 0.0f;
+        out[i] = accumulate ? out[i] + v : v;
+    }
+}
+
+static PyObject *py_dropout(PyObject *self, PyObject *args) {
+    unsigned long long in, out;
+    long long n;
+    unsigned int seed_a, seed_b, threshold;
+    float scale;
+    int accumulate, nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLIIIfii", &in, &out, &n, &seed_a, &seed_b, &threshold, &scale,
+                          &accumulate, &nthreads))
+        return NULL;
+    if (n < 0 || n > 0xffffffffLL) {
+        PyErr_SetString(PyExc_ValueError, "dropout: need 0 <= n < 2^32 elements");
+        return NULL;
+    }
+    if (nthreads < 1 || n < PARALLEL_MIN_ELEMENTS) nthreads = 1;
+    Py_BEGIN_ALLOW_THREADS;
+    dropout_f32((const float *)in, (float *)out, n, seed_a, seed_b, threshold, scale, accumulate,
+                nthreads);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"dropout", py_dropout, METH_VARARGS,
+     "dropout(in, out, n, seed_a, seed_b, threshold, scale, accumulate, nthreads)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ops", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__ops(void) { return PyModule_Create(&module); }
