@@ -8,6 +8,8 @@ clipping at 0.3 - with and without gradient checkpointing. The arms:
 
     ours-lora      qlora.load_model(quant=None): float32 base, our LoRALinear, qlora.train
     ours-qlora     qlora.load_model(quant="nf4", double quant): 4-bit base, qlora.train
+    ours-qlora-heap   the same with train.malloc_mmap_kb=0 (glibc keeps freed memory: faster
+                   here, bigger; not run unless named in --arms)
     peft-lora      transformers float32 model + peft.get_peft_model, a plain training loop
     peft-qlora     transformers + BitsAndBytesConfig(load_in_4bit, nf4, double quant)
                    + prepare_model_for_kbit_training + peft, the same loop
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 ARMS = ("ours-lora", "ours-qlora", "peft-lora", "peft-qlora")
+EXTRA_ARMS = ("ours-qlora-heap",)  # ours QLoRA with glibc's default malloc (malloc_mmap_kb=0)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LR, CLIP = 2e-4, 0.3
 
@@ -73,7 +76,7 @@ def _ours(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
     cuda = args.device == "cuda"
     model, _ = qlora.load_model(
         "smollm2-135m",
-        quant="nf4" if arm == "ours-qlora" else None,
+        quant="nf4" if arm.startswith("ours-qlora") else None,
         double_quant=True,
         dtype="bfloat16" if cuda else "float32",
         device=args.device,
@@ -92,6 +95,7 @@ def _ours(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
             warmup_steps=0,
             max_grad_norm=CLIP,
             grad_ckpt=ckpt,
+            **({"malloc_mmap_kb": 0} if arm == "ours-qlora-heap" else {}),
             **json.loads(args.ours_train),
         )
         result = qlora.train(model, config, batches, progress=False)
@@ -226,6 +230,13 @@ def _ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
         tag = "with" if ckpt else "without"
         ours_q, ours_l = by.get(("ours-qlora", ckpt)), by.get(("ours-lora", ckpt))
         peft_q, peft_l = by.get(("peft-qlora", ckpt)), by.get(("peft-lora", ckpt))
+        heap = by.get(("ours-qlora-heap", ckpt))
+        if heap and peft_q:
+            lines.append(
+                f"{tag} checkpointing: ours QLoRA with glibc's default malloc / PEFT+bnb QLoRA: "
+                f"tokens/s {heap['tokens_per_s'] / peft_q['tokens_per_s']:.2f}x, peak memory "
+                f"{heap['peak_mib'] / peft_q['peak_mib']:.2f}x"
+            )
         if ours_q and peft_q:
             speed = ours_q["tokens_per_s"] / peft_q["tokens_per_s"]
             memory = ours_q["peak_mib"] / peft_q["peak_mib"]
@@ -277,16 +288,16 @@ def main() -> None:
         "--ours-train", default="{}", help="extra TrainConfig fields for ours, as JSON"
     )
     parser.add_argument("--markdown", type=Path, help="also write the table here")
-    parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=ARMS + EXTRA_ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--child-ckpt", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, bool(args.child_ckpt), args)))
         return
     arms = [a for a in args.arms.split(",") if a]
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in ARMS + EXTRA_ARMS]
     if unknown:
-        raise SystemExit(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+        raise SystemExit(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS + EXTRA_ARMS)}")
     ckpts = {"both": (False, True), "on": (True,), "off": (False,)}[args.ckpt]
     rows = []
     for ckpt in ckpts:

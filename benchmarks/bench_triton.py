@@ -7,7 +7,7 @@
     by the median time, next to the device's peak HBM bandwidth (``--peak-gbs``; the default
     3350 GB/s is an H100 SXM, use 2039 for an A100 80GB, 4800 for an H200).
 (b) ``quantized_matmul_triton`` (fused) against ``x @ dequantize(state, bf16).T`` and against
-    the same with a reused dequantize buffer (what ``QuantLinear`` does), for M ∈ {1, 4, 16}
+    the same with a reused dequantize buffer (the unfused path at its best), for M ∈ {1, 4, 16}
     bf16 tokens, on 4096×4096, 11008×4096 and 4096×11008 weights. The ideal ratio for a
     memory-bound M is (2·2 + 0.5) / 0.5 = 9: the unfused path writes and reads a bf16 copy.
 

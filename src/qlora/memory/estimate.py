@@ -446,8 +446,9 @@ def estimate(
         notes.append("MoE activations are derived, not measured (experts as separate MLPs)")
     if device == "cpu":
         notes.append(
-            "CPU: live tensor memory; with glibc's default malloc, peak RSS can be 1.4-2.7x "
-            "this - set MALLOC_MMAP_THRESHOLD_=131072 (docs/memory.md)"
+            "CPU: live tensor memory; qlora.train pins glibc's mmap threshold "
+            "(train.malloc_mmap_kb) so RSS follows it - other loops on glibc's default malloc "
+            "can see 1.4-2.7x this (docs/memory.md)"
         )
 
     return MemoryEstimate(

@@ -92,6 +92,7 @@ def apply_dropout(
     seeds: tuple[int, int],
     p: float,
     out: torch.Tensor | None = None,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """keep(i) · x[i] / (1 − p) for every element; added into ``out`` when it is given.
 
@@ -100,6 +101,8 @@ def apply_dropout(
         seeds: the two seed words of this dropout call (`draw_seeds`).
         p: drop probability in [0, 1).
         out: optional tensor [*] (same shape, dtype, device) to accumulate into.
+        into: optional contiguous float32 tensor [*] to write the result to (C kernel path;
+            elsewhere a new tensor is returned).
 
     Returns:
         a new tensor, or ``out`` after ``out += dropout(x)``.
@@ -115,7 +118,7 @@ def apply_dropout(
         and x.is_contiguous()
         and (out is None or (out.is_contiguous() and out.dtype == torch.float32))
     ):
-        result = torch.empty_like(x) if out is None else out
+        result = (torch.empty_like(x) if into is None else into) if out is None else out
         kernel.dropout(
             x.data_ptr(),
             result.data_ptr(),

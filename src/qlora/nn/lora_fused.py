@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from qlora.nn.dropout import apply_dropout, draw_seeds, ops_kernel
-from qlora.nn.qlinear import QuantLinear
-from qlora.quant.dequant import dequantize
+from qlora.nn.qlinear import QuantLinear, dequantize_for_matmul
+from qlora.quant.scratch import scratch
 
 __all__ = ["fused_lora", "fused_lora_supported"]
 
@@ -51,8 +51,15 @@ __all__ = ["fused_lora", "fused_lora_supported"]
 def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The frozen weight [n, k] as the base's own forward multiplies by it."""
     if isinstance(base, QuantLinear):
-        return dequantize(base.quant_state, dtype=dtype)
+        return dequantize_for_matmul(base.quant_state, dtype)  # reused buffer: use at once
     return base.weight.detach()
+
+
+def _dropped(x: torch.Tensor, seeds: tuple[int, int] | None, p: float) -> torch.Tensor:
+    """D(x) [T, k] in a reused per-thread buffer (consumed by the next matmul), or x itself."""
+    if seeds is None:
+        return x
+    return apply_dropout(x, seeds, p, into=scratch(x.shape, x.dtype, "dropout"))
 
 
 class _FusedLoRA(torch.autograd.Function):
@@ -76,7 +83,7 @@ class _FusedLoRA(torch.autograd.Function):
         else:
             y = x @ weight.t()  # [T, n]
         del weight
-        dropped = apply_dropout(x, seeds, p) if seeds is not None else x  # [T, k]
+        dropped = _dropped(x, seeds, p)  # [T, k]
         h = dropped @ weight_a.t()  # [T, r]
         del dropped
         y.addmm_(h, weight_b.t(), alpha=scaling)
@@ -94,7 +101,7 @@ class _FusedLoRA(torch.autograd.Function):
         grad_h = torch.mm(grad_y, weight_b).mul_(scaling)  # u: [T, r]
         grad_a = None
         if need_a:
-            dropped = apply_dropout(x, seeds, ctx.p) if seeds is not None else x  # [T, k]
+            dropped = _dropped(x, seeds, ctx.p)  # [T, k]
             grad_a = grad_h.t() @ dropped  # [r, k]
             del dropped
         grad_x = None
@@ -103,7 +110,10 @@ class _FusedLoRA(torch.autograd.Function):
             grad_x = grad_y @ weight  # [T, k]
             del weight
             if seeds is not None:
-                apply_dropout(grad_h @ weight_a, seeds, ctx.p, out=grad_x)
+                lora_grad = torch.mm(
+                    grad_h, weight_a, out=scratch(grad_x.shape, x.dtype, "dropout")
+                )
+                apply_dropout(lora_grad, seeds, ctx.p, out=grad_x)
             else:
                 grad_x.addmm_(grad_h, weight_a)
         return grad_x, grad_a, grad_b, None, None, None, None

@@ -20,9 +20,10 @@ from torch import nn
 
 from qlora.quant.blockwise import quantize
 from qlora.quant.dequant import dequantize
+from qlora.quant.scratch import dequantize_scratch
 from qlora.quant.state import QuantState
 
-__all__ = ["QuantLinear", "quantized_matmul"]
+__all__ = ["QuantLinear", "dequantize_for_matmul", "quantized_matmul"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,6 +42,16 @@ def _state_from_tensors(template: QuantState, tensors: tuple[torch.Tensor, ...])
     return replace(template, packed=tensors[0], absmax=tensors[1], code=tensors[2], nested=nested)
 
 
+def dequantize_for_matmul(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [out, in] for one matmul; on the CPU in a reused per-thread buffer.
+
+    The result is overwritten by the next call on this thread: consume it right away.
+    """
+    if state.device.type == "cpu":
+        return dequantize(state, dtype=dtype, out=dequantize_scratch(state.shape, dtype))
+    return dequantize(state, dtype=dtype)
+
+
 class _QuantMatmul(torch.autograd.Function):
     """y = x Wᵀ with W frozen and stored quantized.
 
@@ -56,7 +67,7 @@ class _QuantMatmul(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, state: QuantState) -> torch.Tensor:
         ctx.save_for_backward(*_state_tensors(state))
         ctx.template = state
-        weight = dequantize(state, dtype=x.dtype)  # [out, in]
+        weight = dequantize_for_matmul(state, x.dtype)  # [out, in]
         return x @ weight.t()
 
     @staticmethod
@@ -64,7 +75,7 @@ class _QuantMatmul(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         state = _state_from_tensors(ctx.template, ctx.saved_tensors)
-        weight = dequantize(state, dtype=grad_out.dtype)  # [out, in]
+        weight = dequantize_for_matmul(state, grad_out.dtype)  # [out, in]
         return grad_out @ weight, None
 
 
