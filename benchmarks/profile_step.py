@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import bench_step
-    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile
 
     bench_args = argparse.Namespace(
@@ -69,7 +69,7 @@ def main() -> None:
         if steps_done[0] == bench_args.warmup:
             prof.__enter__()
 
-    torch.optim.Optimizer.register_optimizer_step_post_hook(after_step)
+    register_optimizer_step_post_hook(after_step)
     runner = bench_step._ours if args.arm.startswith("ours") else bench_step._peft
     start = time.perf_counter()
     times, _ = runner(args.arm, args.ckpt, bench_args)

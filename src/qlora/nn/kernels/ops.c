@@ -48,16 +48,45 @@ static inline uint32_t lowbias32(uint32_t x) {
 /*
  * out[i] = (accumulate ? out[i] : 0) + (keep(i) ? in[i] * scale : 0)    for i in [0, n)
  *
- * The per-element work is independent, so the range is split statically over threads.
+ * Branch-free so that the compiler vectorizes it (8 hashes per AVX2 iteration): the keep test
+ * becomes an all-ones / all-zeros bit mask ANDed into the scaled value. Each thread takes one
+ * contiguous range.
  */
+static inline float dropped_value(const float *in, int64_t i, uint32_t seed_a, uint32_t seed_b,
+                                  uint32_t threshold, float scale) {
+    uint32_t h = lowbias32(lowbias32((uint32_t)i ^ seed_a) ^ seed_b);
+    uint32_t keep = 0u - (uint32_t)(h >= threshold);
+    union { float f; uint32_t u; } v = {in[i] * scale};
+    v.u &= keep;
+    return v.f;
+}
+
 QLORA_CLONES
+static void dropout_range(const float *in, float *out, int64_t start, int64_t end,
+                          uint32_t seed_a, uint32_t seed_b, uint32_t threshold, float scale,
+                          int accumulate) {
+    if (accumulate) {
+        for (int64_t i = start; i < end; i++)
+            out[i] += dropped_value(in, i, seed_a, seed_b, threshold, scale);
+    } else {
+        for (int64_t i = start; i < end; i++)
+            out[i] = dropped_value(in, i, seed_a, seed_b, threshold, scale);
+    }
+}
+
 static void dropout_f32(const float *in, float *out, int64_t n, uint32_t seed_a, uint32_t seed_b,
                         uint32_t threshold, float scale, int accumulate, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t h = lowbias32(lowbias32((uint32_t)i ^ seed_a) ^ seed_b);
-        float v = h >= threshold ? in[i] * scale : 0.0f;
-        out[i] = accumulate ? out[i] + v : v;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int64_t parts = 1, part = 0;
+#ifdef _OPENMP
+        parts = omp_get_num_threads();
+        part = omp_get_thread_num();
+#endif
+        int64_t chunk = (n + parts - 1) / parts;
+        int64_t start = part * chunk, end = start + chunk < n ? start + chunk : n;
+        if (start < end)
+            dropout_range(in, out, start, end, seed_a, seed_b, threshold, scale, accumulate);
     }
 }
 
