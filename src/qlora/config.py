@@ -170,8 +170,9 @@ class TrainConfig:
             full [tokens x vocab] fp32 logits are never materialized.
         malloc_mmap_kb: on the CPU, make glibc map every allocation of this many KiB or more
             and unmap it when freed, so freed activations leave the process (glibc otherwise
-            keeps them: resident memory 1.4-2.7x the live tensors). Process-wide; 0 leaves
-            the allocator alone. See qlora.train.allocator.
+            keeps them: resident memory 1.4-2.7x the live tensors). Costs page faults (a
+            checkpointed step of the default model: ~15% slower here). Process-wide; 0
+            leaves the allocator alone. See qlora.train.allocator.
         eval_every: evaluate every N optimizer steps (0: only at the end).
         save_every: checkpoint every N optimizer steps (0: only at the end).
         log_every: print a line every N steps (metrics.jsonl gets every step).

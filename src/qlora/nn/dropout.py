@@ -105,7 +105,8 @@ def apply_dropout(
             elsewhere a new tensor is returned).
 
     Returns:
-        a new tensor, or ``out`` after ``out += dropout(x)``.
+        ``out`` after ``out += dropout(x)``; else ``into`` (when the kernel wrote it) or a
+        new tensor.
     """
     if x.numel() >= 2**32:
         raise ValueError(f"dropout over {x.numel()} elements: at most 2^32 - 1 per call")
