@@ -78,8 +78,13 @@ class LoraConfig:
             full module name.
         exclude_modules: module-name suffixes never to adapt.
         use_rslora: rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023).
-        init: "kaiming" (A kaiming-uniform, B zeros: PEFT's default) or "gaussian"
-            (A ~ N(0, 1/r), B zeros).
+        init: "kaiming" (A kaiming-uniform, B zeros: PEFT's default), "gaussian"
+            (A ~ N(0, 1/r), B zeros) or "loftq": quantize the base and fit A, B to its
+            quantization error so that Q + scaling·BA ≈ W at step 0 (needs the
+            full-precision weights and a quant.kind; see qlora.nn.loftq).
+        loftq_iters: alternating quantize / truncated-SVD rounds of init="loftq". 1 keeps
+            the base byte-identical to plain quantization (the adapter then works on any
+            normally loaded base); more rounds change the base itself.
         bias: trainable biases; only "none" is supported (as in QLoRA).
     """
 
@@ -89,7 +94,8 @@ class LoraConfig:
     target_modules: TargetModules = "all-linear"
     exclude_modules: list[str] = field(default_factory=list)
     use_rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
+    loftq_iters: int = 1
     bias: Literal["none"] = "none"
 
     def __post_init__(self) -> None:
@@ -97,6 +103,8 @@ class LoraConfig:
             raise ConfigError(f"lora.r must be a positive integer, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.loftq_iters < 1:
+            raise ConfigError(f"lora.loftq_iters must be >= 1, got {self.loftq_iters}")
 
     @property
     def scaling(self) -> float:

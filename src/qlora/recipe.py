@@ -98,9 +98,11 @@ def run_training(config: RunConfig, resume: bool = False, progress: bool = True)
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_config(config, out / "config.yaml")
-    model, tokenizer = load_base(config)
+    loftq = config.lora.init == "loftq"  # LoftQ quantizes from the full-precision weights
+    full_precision = dataclasses.replace(config, quant=dataclasses.replace(config.quant, kind=None))
+    model, tokenizer = load_base(full_precision if loftq else config)
     torch.manual_seed(config.train.seed)  # the adapters' initialization is part of the run
-    add_lora(model, config.lora)
+    add_lora(model, config.lora, quant=config.quant if loftq else None)
     data = load_data(config.data, tokenizer)
     summary = data.summary()
     print(summary)

@@ -79,3 +79,41 @@ def test_train_save_reload_generate_merge(tmp_path: Path, capsys) -> None:
     with torch.no_grad():
         drift = (merged(ids).logits - trained(ids).logits).abs().max().item()
     assert drift < 1e-3
+
+
+def test_loftq_recipe_trains_and_its_adapter_loads_on_a_plain_base(tmp_path: Path) -> None:
+    """``lora.init=loftq`` through `qlora train`'s code path: the model is loaded in full
+    precision, quantized while the adapters are fitted (LoftQ on q/v, plain elsewhere), trained;
+    with one round the saved adapter gives the same logits over a normally loaded nf4 base."""
+    from qlora.adapters import load_adapter
+    from qlora.nn import LoRALinear, QuantLinear
+
+    torch.set_num_threads(1)
+    train, evals = make_task_dataset(8, 2, seed=0)
+    write_jsonl(train, tmp_path / "train.jsonl")
+    write_jsonl(evals, tmp_path / "eval.jsonl")
+    config = load_run_config(
+        None,
+        [
+            f"data.path={tmp_path / 'train.jsonl'}",
+            f"data.eval_path={tmp_path / 'eval.jsonl'}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=1",
+            "train.batch_size=2",
+            "lora.init=loftq",
+            "lora.target_modules=[q_proj, v_proj]",
+        ],
+    )
+    result = run_training(config, progress=False)
+    model = result.model.eval()
+    layers = dict(model.named_modules())
+    assert isinstance(layers["model.layers.0.self_attn.q_proj"], LoRALinear)
+    assert isinstance(layers["model.layers.0.self_attn.q_proj"].base_layer, QuantLinear)
+    assert isinstance(layers["model.layers.0.mlp.down_proj"], QuantLinear)
+    assert result.train.eval_loss is not None and result.train.eval_loss == result.train.eval_loss
+
+    fresh, tok = load_model("smollm2-135m", quant="nf4", progress=False)
+    load_adapter(fresh, result.adapter_dir)
+    ids = tok("Reverse the order of these words.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=1e-4)

@@ -1,5 +1,6 @@
 """Layers: the frozen k-bit `QuantLinear`, the `LoRALinear` adapter wrapper, and the model
-surgery that puts them in place (target selection, wrapping, freezing, merging)."""
+surgery that puts them in place (target selection, wrapping, freezing, merging), and the
+LoftQ initialization of adapters over a quantized base."""
 
 from qlora.nn.inject import (
     TrainableReport,
@@ -12,6 +13,7 @@ from qlora.nn.inject import (
     set_adapter,
     trainable_report,
 )
+from qlora.nn.loftq import LoftQResult, loftq_decompose
 from qlora.nn.lora import (
     LoRALinear,
     base_weight_dtype,
@@ -24,6 +26,7 @@ from qlora.nn.qlinear import QuantLinear
 
 __all__ = [
     "LoRALinear",
+    "LoftQResult",
     "QuantLinear",
     "TrainableReport",
     "add_lora",
@@ -31,6 +34,7 @@ __all__ = [
     "delta_weight",
     "disable_adapters",
     "find_targets",
+    "loftq_decompose",
     "lora_layers",
     "merge",
     "merge_adapter",

@@ -225,8 +225,14 @@ def add_lora(
     config: LoraConfig,
     adapter_name: str = "default",
     verbose: bool = True,
+    quant: QuantConfig | None = None,
 ) -> nn.Module:
     """Wrap ``config.target_modules`` in LoRALinear, freeze the rest, activate the adapter.
+
+    With ``config.init == "loftq"`` the model must still be in full precision and ``quant``
+    says how to quantize it: ``quant``'s targets are quantized here, and adapters on them
+    start from the LoftQ fit of the quantization error (`qlora.nn.loftq`); any other
+    adapter starts as with "kaiming".
 
     Targets that already are LoRALinear get ``adapter_name`` as an additional adapter. Every
     parameter that is not a LoRA A/B weight is frozen (biases included: ``bias="none"``), and
@@ -242,6 +248,16 @@ def add_lora(
     if config.bias != "none":
         raise ValueError(f"lora.bias={config.bias!r} is not supported; only 'none'")
     targets = find_targets(model, config.target_modules, config.exclude_modules)
+    loftq: dict = {}
+    if config.init == "loftq":
+        from qlora.nn.loftq import loftq_quantize
+
+        if quant is None:
+            raise ValueError(
+                "lora.init='loftq' needs the quantization to fit: pass "
+                "add_lora(..., quant=QuantConfig(kind=...)) on a full-precision model"
+            )
+        loftq = loftq_quantize(model, config, quant, targets, progress=verbose)
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
@@ -256,8 +272,12 @@ def add_lora(
             alpha=config.alpha,
             dropout=config.dropout,
             use_rslora=config.use_rslora,
-            init=config.init,
+            init="kaiming" if config.init == "loftq" else config.init,
         )
+        if name in loftq:
+            with torch.no_grad():
+                layer.lora_A[adapter_name].weight.copy_(loftq[name].lora_A)
+                layer.lora_B[adapter_name].weight.copy_(loftq[name].lora_B)
     lora_params = {
         id(p)
         for _, layer in lora_layers(model)

@@ -1,0 +1,216 @@
+"""LoftQ: start LoRA from the quantization error instead of from zero (Li et al., 2023).
+
+QLoRA freezes Q = quantize(W) and starts the adapters at B = 0, so training begins from the
+*quantized* model: at 4 bits that costs little, at 2 bits (or with a poor codebook such as
+FP4) the starting point is already far from the model we wanted to adapt, and the adapters
+spend their capacity and the first steps repairing the damage.
+
+LoftQ instead chooses Q and the adapter jointly so that at step 0
+
+    Q + s · B A  ≈  W          (s = the adapter's scaling, alpha / r)
+
+i.e. the rank-r adapter absorbs the largest directions of the quantization error. With
+Q_0 = 0 and B_0 A_0 = 0 it alternates, for t = 1 .. T:
+
+    Q_t          = quantize(W − s · B_{t−1} A_{t−1})      the base, with the adapter's share removed
+    s · B_t A_t  = SVD_r(W − Q_t)                          best rank-r fit of what Q_t misses
+
+where SVD_r keeps the r largest singular triplets U_r S_r V_rᵀ (Eckart–Young: the best rank-r
+approximation in Frobenius norm). The split between the factors is balanced,
+B = U_r √S_r / √s and A = √S_r V_rᵀ / √s, so both start at the same scale and neither is zero
+(a zero factor would zero the other's gradient). T = 1 is "quantize, then fit the error";
+T > 1 lets the quantizer see a target from which the low-rank part has been taken out, so Q
+spends its codes on what the adapter cannot represent. The error ‖W − Q_t − s·B_t A_t‖_F is
+recorded per iteration (`LoftQResult.errors`); it is not guaranteed to fall monotonically
+(quantization is not a projection onto a convex set), so the best iterate is kept.
+
+Compatibility: with ``iters == 1`` the base is exactly ``quantize(W)``, the same bytes
+`qlora.load_model` produces, so the trained adapter works on a normally loaded base. With
+``iters > 1`` the base differs from ``quantize(W)``: an adapter trained over it must be used
+over the same LoftQ base (re-run this initialization with the same settings, which is
+deterministic up to SVD round-off, or save the quantized base).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qlora.config import LoraConfig, QuantConfig
+from qlora.nn.qlinear import QuantLinear
+from qlora.quant import QuantState, dequantize, quantize
+
+__all__ = ["LoftQResult", "loftq_decompose", "loftq_quantize", "low_rank_factors"]
+
+# Above this many rows and columns an exact SVD costs seconds per matrix; a randomized
+# range finder with a few power iterations gets the top r directions for a fraction of it.
+EXACT_SVD_MAX_DIM = 2048
+
+
+@dataclass
+class LoftQResult:
+    """A LoftQ base and adapter for one weight W [out, in].
+
+    Attributes:
+        state: the frozen quantized base Q.
+        lora_A: [r, in] adapter down-projection.
+        lora_B: [out, r] adapter up-projection; Q + scaling · lora_B @ lora_A ≈ W.
+        errors: relative error ‖W − Q_t − s·B_t A_t‖_F / ‖W‖_F after each iteration t.
+        quant_error: ‖W − quantize(W)‖_F / ‖W‖_F (plain QLoRA's starting error), for comparison.
+    """
+
+    state: QuantState
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    errors: list[float] = field(default_factory=list)
+    quant_error: float = float("nan")
+
+
+def low_rank_factors(
+    matrix: torch.Tensor, r: int, exact: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced rank-``r`` factors (L [m, r], R [r, n]) with L @ R ≈ ``matrix`` [m, n].
+
+    L = U_r √S_r and R = √S_r V_rᵀ from the truncated SVD: exact (``torch.linalg.svd``) by
+    default for matrices up to `EXACT_SVD_MAX_DIM` on the short side, randomized
+    (``torch.svd_lowrank`` with oversampling and 4 power iterations) beyond.
+    """
+    m, n = matrix.shape
+    r = min(r, m, n)
+    if exact is None:
+        exact = min(m, n) <= EXACT_SVD_MAX_DIM
+    matrix = matrix.float()
+    if exact:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+    else:
+        u, s, v = torch.svd_lowrank(matrix, q=min(r + 10, m, n), niter=4)
+        u, s, vh = u[:, :r], s[:r], v[:, :r].T
+    root = s.sqrt()
+    return u * root, root[:, None] * vh
+
+
+@torch.no_grad()
+def loftq_decompose(
+    weight: torch.Tensor,
+    r: int,
+    scaling: float,
+    kind: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    iters: int = 1,
+) -> LoftQResult:
+    """LoftQ for one weight: a quantized base and rank-``r`` adapter with Q + s·BA ≈ W.
+
+    Args:
+        weight: [out, in] full-precision weight (any float dtype; computed in float32).
+        r: adapter rank.
+        scaling: the adapter's scaling s (alpha / r, or alpha / sqrt(r) with rsLoRA).
+        kind, blocksize, double_quant: the base's quantization (as `qlora.quant.quantize`).
+        iters: alternating quantize / SVD rounds T (>= 1).
+
+    Returns:
+        The iterate with the smallest reconstruction error (see `LoftQResult`).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"LoftQ needs a 2-D weight, got shape {tuple(weight.shape)}")
+    if iters < 1:
+        raise ValueError(f"LoftQ needs iters >= 1, got {iters}")
+    if scaling <= 0:
+        raise ValueError(f"LoftQ needs a positive adapter scaling, got {scaling}")
+    target = weight.detach().float()  # W [out, in]
+    norm = float(torch.linalg.norm(target)) or 1.0
+    low_rank = torch.zeros_like(target)  # s·B A, zero before the first round
+    best: LoftQResult | None = None
+    errors: list[float] = []
+    quant_error = float("nan")
+    for t in range(iters):
+        state = quantize((target - low_rank).to(weight.dtype), kind, blocksize, double_quant)
+        base = dequantize(state, torch.float32)  # Q_t [out, in]
+        residual = target - base
+        if t == 0:
+            quant_error = float(torch.linalg.norm(residual)) / norm
+        left, right = low_rank_factors(residual, r)  # [out, r], [r, in]
+        low_rank = left @ right
+        error = float(torch.linalg.norm(residual - low_rank)) / norm
+        errors.append(error)
+        if best is None or error < best.errors[-1]:
+            root = math.sqrt(scaling)
+            best = LoftQResult(state, right / root, left / root, [error])
+    assert best is not None
+    best.errors, best.quant_error = errors, quant_error
+    return best
+
+
+@torch.no_grad()
+def loftq_quantize(
+    model: nn.Module,
+    lora: LoraConfig,
+    quant: QuantConfig,
+    lora_targets: list[str],
+    progress: bool = True,
+) -> dict[str, LoftQResult]:
+    """Quantize ``quant``'s targets in place, LoftQ-style where LoRA will also go.
+
+    Layers in both ``lora_targets`` and ``quant.target_modules`` get a LoftQ base
+    (`loftq_decompose` with ``lora.r``, ``lora.scaling``, ``lora.loftq_iters``); quantized
+    layers without an adapter are quantized plainly. Called by `qlora.add_lora` for
+    ``lora.init == "loftq"``, which then wraps the layers and copies in the returned factors.
+
+    Returns:
+        LoRA target name -> its `LoftQResult` (layers the quantization does not cover are
+        absent: they get the default initialization).
+
+    Raises:
+        ValueError: no quantization kind, or a target that is already quantized or adapted
+            (LoftQ needs the full-precision weight).
+    """
+    from qlora.nn.inject import _replace, find_targets
+    from qlora.nn.lora import LoRALinear
+
+    if quant.kind is None:
+        raise ValueError(
+            "lora.init='loftq' fits the adapters to a quantization error, but quant.kind is "
+            "None; set quant.kind (nf4, fp4, int8, nf2) or use init='kaiming'"
+        )
+    if lora.loftq_iters > 1:
+        warnings.warn(
+            f"lora.loftq_iters={lora.loftq_iters}: the LoftQ base differs from plain "
+            "quantization, so the trained adapter belongs to this base; rebuild it with the "
+            "same LoftQ settings (or keep loftq_iters=1) before loading the adapter elsewhere",
+            stacklevel=3,
+        )
+    quant_targets = find_targets(model, quant.target_modules)
+    wanted = set(lora_targets)
+    results: dict[str, LoftQResult] = {}
+    bar = tqdm(quant_targets, desc=f"LoftQ {quant.kind}", unit="layer", disable=not progress)
+    for name in bar:
+        module = model.get_submodule(name)
+        if isinstance(module, QuantLinear | LoRALinear):
+            raise ValueError(
+                f"lora.init='loftq' needs the full-precision weight of {name}, but it is "
+                f"already a {type(module).__name__}; load the model with quant=None and pass "
+                "the quantization to add_lora(..., quant=QuantConfig(...))"
+            )
+        bias = module.bias.data if module.bias is not None else None
+        if name in wanted:
+            result = loftq_decompose(
+                module.weight,
+                lora.r,
+                lora.scaling,
+                quant.kind,
+                quant.blocksize,
+                quant.double_quant,
+                lora.loftq_iters,
+            )
+            results[name] = result
+            state = result.state
+        else:
+            state = quantize(module.weight.data, quant.kind, quant.blocksize, quant.double_quant)
+        _replace(model, name, QuantLinear(state, bias, quant.compute_dtype))
+    return results
