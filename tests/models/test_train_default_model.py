@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.config import load_run_config
+from qlora.config import RunConfig, load_run_config
 from qlora.data import make_task_dataset, write_jsonl
 from qlora.models import REGISTRY, ModelLoadError, load_model
 from qlora.recipe import run_training
@@ -22,23 +22,26 @@ except ModelLoadError as err:
     pytest.skip(str(err), allow_module_level=True)
 
 
-def test_train_save_reload_generate_merge(tmp_path: Path, capsys) -> None:
+def _task_config(tmp_path: Path, n_train: int, n_eval: int, *overrides: str) -> RunConfig:
+    """A run over freshly generated reversal records in ``tmp_path`` (batch 2, one thread)."""
     torch.set_num_threads(1)  # tiny batches: one thread is faster and steadier on 2 cores
-    train, evals = make_task_dataset(16, 4, seed=0)
+    train, evals = make_task_dataset(n_train, n_eval, seed=0)
     write_jsonl(train, tmp_path / "train.jsonl")
     write_jsonl(evals, tmp_path / "eval.jsonl")
-    config = load_run_config(
-        None,
-        [
-            f"data.path={tmp_path / 'train.jsonl'}",
-            f"data.eval_path={tmp_path / 'eval.jsonl'}",
-            f"train.output_dir={tmp_path / 'run'}",
-            "train.max_steps=3",
-            "train.batch_size=2",
-            "train.lr=1e-3",
-            "train.warmup_steps=0",
-            "train.save_every=2",
-        ],
+    data = [f"data.path={tmp_path / 'train.jsonl'}", f"data.eval_path={tmp_path / 'eval.jsonl'}"]
+    run = [f"train.output_dir={tmp_path / 'run'}", "train.batch_size=2"]
+    return load_run_config(None, [*data, *run, *overrides])
+
+
+def test_train_save_reload_generate_merge(tmp_path: Path, capsys) -> None:
+    config = _task_config(
+        tmp_path,
+        16,
+        4,
+        "train.max_steps=3",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        "train.save_every=2",
     )
     result = run_training(config, progress=False)
     run = tmp_path / "run"
@@ -88,21 +91,13 @@ def test_loftq_recipe_trains_and_its_adapter_loads_on_a_plain_base(tmp_path: Pat
     from qlora.adapters import load_adapter
     from qlora.nn import LoRALinear, QuantLinear
 
-    torch.set_num_threads(1)
-    train, evals = make_task_dataset(8, 2, seed=0)
-    write_jsonl(train, tmp_path / "train.jsonl")
-    write_jsonl(evals, tmp_path / "eval.jsonl")
-    config = load_run_config(
-        None,
-        [
-            f"data.path={tmp_path / 'train.jsonl'}",
-            f"data.eval_path={tmp_path / 'eval.jsonl'}",
-            f"train.output_dir={tmp_path / 'run'}",
-            "train.max_steps=1",
-            "train.batch_size=2",
-            "lora.init=loftq",
-            "lora.target_modules=[q_proj, v_proj]",
-        ],
+    config = _task_config(
+        tmp_path,
+        8,
+        2,
+        "train.max_steps=1",
+        "lora.init=loftq",
+        "lora.target_modules=[q_proj, v_proj]",
     )
     result = run_training(config, progress=False)
     model = result.model.eval()
