@@ -1,5 +1,6 @@
 # Set-up and the two entry points. Everything installs into .venv on first use.
 #   make test   - install (torch 2.13.0 CPU first, then .[dev,compat,triton]), ruff, the test suite
+#                 without the tests marked `slow` (what CI runs; `make test-all` adds them)
 #   make bench  - the benchmarks in benchmarks/ (each prints its table and one JSON line)
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-all test-fast lint bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +33,12 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# Tests marked `slow` (e.g. every arm of the quality experiment) are left to `make test-all`:
+# CI must stay well under its time limit; at least one real-model test is not marked slow.
 test: lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
