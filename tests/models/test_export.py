@@ -12,6 +12,7 @@ import torch
 from qlora.models import load_model
 from qlora.models.export import save_quantized
 from qlora.nn import QuantLinear
+from tests.bnb_peer import bnb_exact_logits, check_bnb_inference_logits
 from tests.conftest import requires_bnb
 from tests.tiny_models import tiny_llama
 
@@ -26,10 +27,13 @@ def _source(tmp_path: Path, tied: bool) -> Path:
     return tmp_path / "src"
 
 
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
 def _logits(model: torch.nn.Module) -> torch.Tensor:
-    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return model(ids).logits
+        return model(_ids()).logits
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8", "nf2"])
@@ -59,7 +63,9 @@ def test_transformers_bitsandbytes_loads_our_nf4_checkpoint(tmp_path: Path, tied
         warnings.simplefilter("ignore")
         peer = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     assert type(peer.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    assert torch.equal(_logits(peer), _logits(model))
+    ours = _logits(model)
+    assert torch.equal(bnb_exact_logits(peer, _ids()), ours)
+    check_bnb_inference_logits(peer, _ids(), ours)
 
 
 def test_model_without_quantized_layers_is_an_error(tmp_path: Path) -> None:

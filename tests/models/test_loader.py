@@ -18,6 +18,7 @@ from qlora.models import ModelLoadError, load_model
 from qlora.models.registry import RegisteredModel
 from qlora.nn import QuantLinear, quantize_model
 from qlora.quant import dequantize, quantize
+from tests.bnb_peer import bnb_exact_logits, check_bnb_inference_logits
 from tests.conftest import requires_bnb
 from tests.tiny_models import tiny_llama as build_tiny_llama
 
@@ -181,10 +182,12 @@ def test_bitsandbytes_saved_checkpoint_gives_transformers_bnb_logits(
     layer = loaded.model.layers[0].self_attn.o_proj
     assert isinstance(layer, QuantLinear) and layer.quant_state.kind == kind
     assert (layer.quant_state.nested is not None) == dq
-    assert torch.equal(_logits(loaded), _logits(peer))
+    ours = _logits(loaded)
+    assert torch.equal(bnb_exact_logits(peer, _ids()), ours)
     # The bytes were taken as stored, not re-quantized from a dequantized copy.
     peer_weight = peer.model.layers[0].self_attn.o_proj.weight
     assert torch.equal(layer.weight, peer_weight.data.reshape(-1))
+    check_bnb_inference_logits(peer, _ids(), ours)  # may repack the peer's weights: last
     # Asked for in full precision, the same checkpoint dequantizes into nn.Linear.
     full, _ = load_model(saved, quant=None, tokenizer=False, progress=False)
     assert isinstance(full.model.layers[0].self_attn.o_proj, nn.Linear)
