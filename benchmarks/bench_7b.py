@@ -31,13 +31,6 @@ TARGET_GB = {"7b": 6.0, "13b": 12.0, "tiny": 1.0}
 GB = 1e9
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(TARGET_GB), default="7b")
@@ -54,6 +47,7 @@ def main() -> None:
     import torch
 
     import qlora
+    from qlora.procinfo import peak_rss_bytes, rss_bytes
 
     if args.dir:
         directory = Path(args.dir)
@@ -61,12 +55,12 @@ def main() -> None:
         from synthetic_checkpoint import synthetic_checkpoint
 
         directory = synthetic_checkpoint(args.size)
-    import_rss = _status_bytes("VmRSS")
+    import_rss = rss_bytes()
     model, _ = qlora.load_model(directory, quant="nf4", double_quant=True, tokenizer=False)
     load_s = model.qlora_load_info.seconds
-    load_peak = _status_bytes("VmHWM")
+    load_peak = peak_rss_bytes()
     torch.manual_seed(0)
-    qlora.add_lora(model, qlora.LoraConfig(r=16, alpha=32, dropout=0.05), verbose=False)
+    qlora.add_lora(model, qlora.LoraConfig(r=16, alpha=32, dropout=0.05))
     trainable = qlora.trainable_report(model)
     generator = torch.Generator().manual_seed(0)
     batches = []
@@ -87,7 +81,7 @@ def main() -> None:
         result = qlora.train(model, config, batches)
     elapsed = [h["elapsed_s"] for h in result.history if "elapsed_s" in h]
     step_times = [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
-    peak = _status_bytes("VmHWM")
+    peak = peak_rss_bytes()
     target = TARGET_GB[args.size]
     row = {
         "size": args.size,

@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from qlora.kernels import c_extension
 from qlora.quant import dequantize, dequantize_reference, quantize
-from qlora.quant.dequant import cpu_kernel
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -82,10 +82,11 @@ def main() -> None:
             row: median_seconds(fn, repeats.get(row, args.repeats)) for row, fn in rows.items()
         }
 
+    kernel = "on" if c_extension("cpu") else "OFF (reference path)"
     print(
         f"dequantize nf4+DQ {args.size}x{args.size} | {platform.processor() or platform.machine()}"
         f" | {args.threads} threads | bitsandbytes {bitsandbytes.__version__} | "
-        f"cpu kernel {'on' if cpu_kernel() else 'OFF (reference path)'}"
+        f"cpu kernel {kernel}"
     )
     print(f"{'path':<18}" + "".join(f"{d + ' ms':>14}" for d in results))
     for row in next(iter(results.values())):

@@ -30,15 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+# The peer's child imports qlora too, for this reader: qlora's own modules add ~3 MB to its
+# peak, next to gigabytes (transformers and torch, which both children import, dominate).
+from qlora.procinfo import peak_rss_bytes, rss_bytes
+
 GB = 1e9
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
 
 
 def _layer_hash(packed, absmax) -> str:
@@ -50,7 +46,7 @@ def _layer_hash(packed, absmax) -> str:
 def run_child(which: str, directory: str) -> dict:
     import torch
 
-    baseline = _status_bytes("VmRSS")
+    baseline = rss_bytes()
     start = time.perf_counter()
     if which.startswith("ours"):
         from qlora.models import load_model
@@ -81,8 +77,8 @@ def run_child(which: str, directory: str) -> dict:
     return {
         "which": which,
         "seconds": seconds,
-        "peak_rss": _status_bytes("VmHWM"),
-        "final_rss": _status_bytes("VmRSS"),
+        "peak_rss": peak_rss_bytes(),
+        "final_rss": rss_bytes(),
         "baseline_rss": baseline,
         "layer0_q_proj_hash": check,
     }

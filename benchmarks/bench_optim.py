@@ -20,6 +20,7 @@ bitsandbytes' paged optimizers use CUDA unified memory; on a CPU they fall back 
 state (bitsandbytes warns), so their CPU numbers are its unpaged ones.
 
     python benchmarks/bench_optim.py [--steps 6] [--device cpu|cuda] [--only NAME ...]
+                                     [--model smollm2-135m|DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 MiB = 2**20
@@ -45,13 +45,6 @@ OPTIMIZERS = {  # name: (who, what)
     "qlora PagedAdamW": ("ours", "paged_adamw"),
     "qlora PagedAdamW8bit": ("ours", "paged_adamw8bit"),
 }
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _make(kind: str, params: list, state_dir: str, page_mb: int) -> Any:
@@ -90,12 +83,15 @@ def _state_bytes(opt: Any) -> int:
     )
 
 
-def child(kind: str, steps: int, device: str, state_dir: str, page_mb: int) -> dict[str, Any]:
+def child(
+    kind: str, steps: int, device: str, state_dir: str, page_mb: int, model_name: str
+) -> dict[str, Any]:
     import torch
 
     from qlora import load_model
+    from qlora.procinfo import peak_rss_bytes, reset_peak_rss, rss_bytes
 
-    model, _ = load_model("smollm2-135m", quant=None, tokenizer=False, progress=False)
+    model, _ = load_model(model_name, quant=None, tokenizer=False, progress=False)
     params = [p for p in model.to(device).parameters()]
     gen = torch.Generator().manual_seed(0)
     for p in params:
@@ -107,8 +103,8 @@ def child(kind: str, steps: int, device: str, state_dir: str, page_mb: int) -> d
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = _status("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
+        before = rss_bytes()
+        reset_peak_rss()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -116,8 +112,8 @@ def child(kind: str, steps: int, device: str, state_dir: str, page_mb: int) -> d
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
-    after = torch.cuda.memory_allocated() if cuda else _status("VmRSS")
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    after = torch.cuda.memory_allocated() if cuda else rss_bytes()
     return {
         "params": sum(p.numel() for p in params),
         "first_step_s": times[0],
@@ -136,11 +132,12 @@ def main() -> None:
     parser.add_argument("--state-dir", default=tempfile.gettempdir())
     parser.add_argument("--page-mb", type=int, default=64)
     parser.add_argument("--only", nargs="*", help="names (substring match) to run")
+    parser.add_argument("--model", default="smollm2-135m", help="a model name or directory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.device, args.state_dir,
-                               args.page_mb)))  # fmt: skip
+                               args.page_mb, args.model)))  # fmt: skip
         return
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -153,7 +150,7 @@ def main() -> None:
             done = subprocess.run(
                 [sys.executable, __file__, "--child", kind, "--steps", str(args.steps),
                  "--device", args.device, "--state-dir", state_dir,
-                 "--page-mb", str(args.page_mb)],
+                 "--page-mb", str(args.page_mb), "--model", args.model],
                 capture_output=True, text=True, env=env,
             )  # fmt: skip
         if done.returncode != 0:

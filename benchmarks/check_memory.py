@@ -51,24 +51,11 @@ CONFIGS = {
 MiB = 2**20
 
 
-def _status(field: str) -> int:
-    """A ``kB`` field of /proc/self/status, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _release_free_heap() -> None:
     """Return freed heap pages to the OS (glibc keeps them otherwise), so RSS is live data."""
     gc.collect()
     with contextlib.suppress(OSError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_peak() -> None:
-    """Make VmHWM restart from the current RSS (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def gguf_location() -> tuple[str, str]:
@@ -93,11 +80,12 @@ def child(config: str, batch: int, seq_len: int, steps: int) -> dict[str, Any]:
 
     import qlora
     from qlora.memory import estimate
+    from qlora.procinfo import peak_rss_bytes, reset_peak_rss, rss_bytes
 
     method, ckpt = CONFIGS[config]
     torch.manual_seed(0)
     _release_free_heap()
-    baseline = _status("VmRSS")
+    baseline = rss_bytes()
 
     directory, name = gguf_location()
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -105,7 +93,7 @@ def child(config: str, batch: int, seq_len: int, steps: int) -> dict[str, Any]:
     )
     if method.startswith("qlora"):
         model = qlora.quantize_model(model, qlora.QuantConfig(kind="nf4"))
-    model = qlora.add_lora(model, qlora.LoraConfig(r=16, alpha=32), verbose=False)
+    model = qlora.add_lora(model, qlora.LoraConfig(r=16, alpha=32))
     if ckpt:
         # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
         enable = getattr(model, "activation_checkpointing_enable", None)
@@ -118,9 +106,9 @@ def child(config: str, batch: int, seq_len: int, steps: int) -> dict[str, Any]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     _release_free_heap()
-    loaded = _status("VmRSS")
+    loaded = rss_bytes()
 
-    _reset_peak()
+    reset_peak_rss()
     peaks, losses = [], []
     start = time.perf_counter()
     for _ in range(steps):
@@ -130,7 +118,7 @@ def child(config: str, batch: int, seq_len: int, steps: int) -> dict[str, Any]:
         optimizer.zero_grad()
         losses.append(loss.item())
         del loss
-        peaks.append(_status("VmHWM"))
+        peaks.append(peak_rss_bytes())
     seconds = (time.perf_counter() - start) / steps
 
     est = estimate(

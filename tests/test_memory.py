@@ -91,7 +91,7 @@ def test_module_and_its_config_count_the_real_parameters(tmp_path: Path, tied: b
 
 def test_module_weights_count_quantlinear_buffers_and_adapters_as_found() -> None:
     model = qlora.quantize_model(tiny_llama(), qlora.QuantConfig(kind="nf4"))
-    model = qlora.add_lora(model, qlora.LoraConfig(r=4), verbose=False)
+    model = qlora.add_lora(model, qlora.LoraConfig(r=4))
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = estimate(model, "qlora-4", rank=64)  # the model's own r=4 wins
@@ -202,7 +202,7 @@ def test_saved_tensors_match_the_derivation(method: str, dropout: float, attenti
         model = qlora.quantize_model(model, qlora.QuantConfig(kind="nf4"))
     if not method.startswith("full"):
         config = qlora.LoraConfig(r=8, alpha=16, dropout=dropout)
-        model = qlora.add_lora(model, config, verbose=False)
+        model = qlora.add_lora(model, config)
     model.train()
     batch, seq_len = 2, 32
     ids = torch.randint(0, 256, (batch, seq_len))

@@ -137,7 +137,7 @@ def _check_quick(tmp_path: Path, arms: list[str], tasks: list[str], timeout: int
             assert result["curve"][-1][1] == result["eval_loss_after"]
             assert len(result["train_losses"]) == steps
             assert result["peak_rss_mib"] > 100 and result["trainable_params"] > 0
-            assert (out / task / arm / "seed0" / "metrics.jsonl").is_file()
+            assert (out / task / arm / "seed0" / "train" / "metrics.jsonl").is_file()
             assert sum(line.startswith(f"| {arm} |") for line in text.splitlines()) >= 1
     # The report is rebuilt from the saved results without running anything again.
     again = _run(*common, "--arms", ",".join(arms), "--report-only", timeout=120)

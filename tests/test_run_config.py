@@ -42,7 +42,7 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         (["train.schedule=step"], r"train\.schedule='step' is not valid; choose one of 'constant'"),
         (["quant.kind=nf3"], r"quant\.kind='nf3' is not valid"),
         (["train.lr=fast"], r"train\.lr must be a number"),
-        (["train.batch_size=0"], r"train\.batch_size must be positive"),
+        (["train.batch_size=0"], r"train\.batch_size must be a positive integer, got 0"),
         (["lr=1"], r"expected section\.key=value"),
     ],
 )

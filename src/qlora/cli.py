@@ -1,12 +1,126 @@
-"""`qlora` command line. Subcommands are thin layers over the library's public API."""
+"""`qlora` command line. Subcommands are thin layers over the library's public API.
+
+Flags that set a config value are declared from the config dataclasses (`_field_option`):
+their type, default, choices and help are read off the field (its annotation, default and
+``Attributes:`` docstring line), and a value is checked by the dataclass itself while the
+arguments are parsed, so ``--top-p 5`` is an argparse error before any model loads. The
+``estimate`` flags are read off `qlora.memory.estimate` the same way (`_param_option`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
+import inspect
 import platform
 import sys
+import typing
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+# The CLI spelling of a null choice (``QuantConfig.kind=None``: full precision).
+_NONE = "none"
+_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
+
+
+# -- flags read off the config dataclasses ---------------------------------------------------
+
+
+def _help(doc: str, default: Any) -> str:
+    text = doc.replace("%", "%%")  # argparse expands %(...)s in help
+    return text if default is None else f"{text} (default: %(default)s)"
+
+
+def _scalar(annotation: Any) -> type:
+    """int, float or str: the type a flag's text converts to."""
+    for option in (annotation, *typing.get_args(annotation)):
+        if option in (int, float):
+            return option
+    return str
+
+
+def _checked(cls: type, name: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that converts the text and lets ``cls`` check the value."""
+    from qlora.config import ConfigError
+
+    kind = _scalar(typing.get_type_hints(cls)[name])
+    words = {int: "an integer", float: "a number", str: "a string"}
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {words[kind]}, got {text!r}") from None
+        try:
+            cls(**{name: value})
+        except ConfigError as err:  # "generation.top_p must be ..." -> "top_p must be ..."
+            message = str(err).removeprefix(f"{cls.SECTION}.")  # type: ignore[attr-defined]
+            raise argparse.ArgumentTypeError(message) from None
+        return value
+
+    return convert
+
+
+def _field_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    cls: type,
+    name: str,
+    *,
+    allow_none: bool = True,
+    **overrides: Any,
+) -> None:
+    """``flag`` for config field ``cls.name``: its default, choices, help and checks."""
+    from qlora.config import field_choices, field_doc
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    default = overrides.pop("default", fields[name].default)
+    shown = None if overrides.get("required") else default
+    kwargs: dict[str, Any] = {"default": default, "help": _help(field_doc(cls, name), shown)}
+    choices = [c for c in field_choices(cls, name) if allow_none or c is not None]
+    if isinstance(default, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif choices:
+        kwargs["choices"] = [_NONE if c is None else c for c in choices]
+        kwargs["default"] = _NONE if default is None else default
+    else:
+        kwargs["type"] = _checked(cls, name)
+    parser.add_argument(flag, **(kwargs | overrides))
+
+
+def _param_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    function: Callable[..., Any],
+    name: str,
+    **overrides: Any,
+) -> None:
+    """``flag`` for keyword ``name`` of ``function``: default, choices and help (its
+    docstring's ``Args:`` entry) read off the function."""
+    from qlora.config import doc_entry, literal_choices
+
+    annotation = typing.get_type_hints(function)[name]
+    choices = [c for c in literal_choices(annotation) if c is not None]
+    default = overrides.pop("default", inspect.signature(function).parameters[name].default)
+    kwargs: dict[str, Any] = {"default": default}
+    kwargs["help"] = _help(doc_entry(function.__doc__ or "", "Args", name), default)
+    if isinstance(default, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif choices:
+        kwargs["choices"] = choices
+    else:
+        kwargs["type"] = _scalar(annotation)
+    parser.add_argument(flag, **(kwargs | overrides))
+
+
+def _none(value: str | None) -> str | None:
+    return None if value == _NONE else value
+
+
+# -- commands --------------------------------------------------------------------------------
 
 
 def _env(_: argparse.Namespace) -> int:
@@ -14,24 +128,20 @@ def _env(_: argparse.Namespace) -> int:
     import torch
 
     import qlora
-    from qlora.quant.dequant import cpu_kernel
+    from qlora.kernels import describe
 
-    kernel = cpu_kernel()
     rows = {
         "qlora": qlora.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu threads": str(torch.get_num_threads()),
-        "cpu dequant kernel": (
-            ("avx2" if kernel.has_avx2() else "scalar") if kernel else "not built (reference path)"
-        ),
+        **describe(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
     for name in ("transformers", "bitsandbytes", "peft", "triton"):
-        try:
-            module = __import__(name)
-            rows[name] = getattr(module, "__version__", "installed")
-        except ImportError:
+        try:  # the installed version, without importing it (bitsandbytes warns on import)
+            rows[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             rows[name] = "not installed"
     width = max(map(len, rows))
     for key, value in rows.items():
@@ -41,7 +151,6 @@ def _env(_: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> int:
     """Print the memory estimate for one model, a table across sizes, or the comparison."""
-    from qlora.config import ConfigError
     from qlora.memory import compare_table, estimate, sizes_table
 
     settings = {
@@ -54,43 +163,25 @@ def _estimate(args: argparse.Namespace) -> int:
         "device": args.device,
         "chunked_loss": args.chunked_loss,
     }
-    try:
-        if args.compare_table:
-            print(compare_table())
-        elif args.sizes or args.model is None:
-            ckpt = "gradient checkpointing" if args.grad_ckpt else "no checkpointing"
-            loss = "chunked loss" if args.chunked_loss else "full logits"
-            print(
-                f"total GiB; batch {args.batch} x seq {args.seq_len}, r={args.rank}, "
-                f"{args.optim}, {ckpt}, {loss}, {args.device or 'cuda'}"
-            )
-            print(sizes_table(**settings))
-        else:
-            print(estimate(args.model, args.method, **settings))
-    except ConfigError as err:
-        print(f"qlora estimate: error: {err}", file=sys.stderr)
-        return 2
+    if args.compare_table:
+        print(compare_table())
+    elif args.sizes or args.model is None:
+        ckpt = "gradient checkpointing" if args.grad_ckpt else "no checkpointing"
+        loss = "chunked loss" if args.chunked_loss else "full logits"
+        print(
+            f"total GiB; batch {args.batch} x seq {args.seq_len}, r={args.rank}, "
+            f"{args.optim}, {ckpt}, {loss}, {args.device or 'cuda'}"
+        )
+        print(sizes_table(**settings))
+    else:
+        print(estimate(args.model, args.method, **settings))
     return 0
-
-
-def _add_model_args(sub: argparse.ArgumentParser, quant_default: str = "nf4") -> None:
-    sub.add_argument(
-        "--model", default="smollm2-135m", help="registered name, HF directory or .gguf file"
-    )
-    sub.add_argument(
-        "--quant",
-        default=quant_default,
-        choices=("nf4", "fp4", "int8", "nf2", "none"),
-        help="how to store the base's Linear weights (default %(default)s)",
-    )
-    sub.add_argument("--adapter", action="append", default=[], help="a LoRA adapter directory")
 
 
 def _load(args: argparse.Namespace, tokenizer: bool = True) -> tuple:
     from qlora.models import load_model
 
-    quant = None if args.quant == "none" else args.quant
-    model, tok = load_model(args.model, quant=quant, tokenizer=tokenizer)
+    model, tok = load_model(args.model, quant=_none(args.quant), tokenizer=tokenizer)
     for directory in args.adapter:
         from qlora.adapters import load_adapter
 
@@ -108,34 +199,40 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
 
 def _generate(args: argparse.Namespace) -> int:
     """Prompt -> text, streamed to the terminal."""
-    from qlora.generate import generate_text
+    from qlora import generate
 
+    if not args.prompt.strip():  # before the model loads: nothing to generate from
+        raise ValueError("the prompt is empty: give the text to continue")
     model, tok = _load(args)
     messages = [{"role": "user", "content": args.prompt}]
-    generate_text(model, tok, messages, raw=args.raw, stream=sys.stdout, **_generation_kwargs(args))
+    generate.generate_text(
+        model, tok, messages, raw=args.raw, stream=sys.stdout, **_generation_kwargs(args)
+    )
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
     """Interactive chat with the chat template; history kept until /reset."""
-    from qlora.generate import chat_loop
+    from qlora import generate
 
     model, tok = _load(args)
-    chat_loop(model, tok, sys.stdin, **_generation_kwargs(args))
+    generate.chat_loop(model, tok, sys.stdin, **_generation_kwargs(args))
     return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
     """Write a pre-quantized checkpoint in the bitsandbytes layout."""
-    from qlora.models import load_model, save_quantized
+    from qlora import models
+    from qlora.models.destination import check_output_directory
 
-    model, tok = load_model(
+    check_output_directory(args.output, args.overwrite)  # refuse now, not after loading
+    model, tok = models.load_model(
         args.source,
         quant=args.quant,
         double_quant=args.double_quant,
         blocksize=args.blocksize,
     )
-    out = save_quantized(model, args.output, tok)
+    out = models.save_quantized(model, args.output, tok, overwrite=args.overwrite)
     info = model.qlora_load_info
     print(
         f"wrote {out}: {info.quantized_layers} {args.quant} layers, "
@@ -146,25 +243,29 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     """Base + adapter -> a full-precision Hugging Face directory, with the measured drift."""
-    from qlora.adapters import export_merged
+    from qlora import adapters
+    from qlora.models.destination import check_output_directory
 
     if not args.adapter:
-        print("qlora merge: error: give the adapter to merge with --adapter DIR", file=sys.stderr)
-        return 2
+        raise ValueError("give the adapter to merge with --adapter DIR")
+    check_output_directory(args.output, args.overwrite)  # refuse now, not after loading
     model, tok = _load(args)
     ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
-    report = export_merged(model, args.output, tok, check_input_ids=ids)
+    report = adapters.export_merged(
+        model, args.output, tok, check_input_ids=ids, overwrite=args.overwrite
+    )
     print(report)
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     """Fine-tune from a recipe YAML with section.key=value overrides."""
+    from qlora import recipe
     from qlora.config import load_run_config
-    from qlora.recipe import run_training
 
     config = load_run_config(args.config, args.set)
-    result = run_training(config, resume=args.resume)
+    # run_training checks the data files and claims the output directory before loading
+    result = recipe.run_training(config, resume=args.resume, overwrite=args.overwrite)
     train = result.train
     evaluation = f", eval loss {train.eval_loss:.4f}" if train.eval_loss is not None else ""
     print(
@@ -211,23 +312,34 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the parser ------------------------------------------------------------------------------
+
+
+def _add_model_args(sub: argparse.ArgumentParser) -> None:
+    from qlora.config import ModelConfig, QuantConfig
+
+    _field_option(sub, "--model", ModelConfig, "source")
+    _field_option(sub, "--quant", QuantConfig, "kind")
+    sub.add_argument("--adapter", action="append", default=[], help="a LoRA adapter directory")
+
+
 def _add_generation_args(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--max-new-tokens", type=int, default=256)
-    sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    sub.add_argument("--top-p", type=float, default=0.9)
+    from qlora.config import GenerationConfig
+
+    _field_option(sub, "--max-new-tokens", GenerationConfig, "max_new_tokens")
+    _field_option(sub, "--temperature", GenerationConfig, "temperature")
+    _field_option(sub, "--top-p", GenerationConfig, "top_p")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import qlora
+_OVERWRITE_HELP = (
+    "when OUTPUT exists, replace the files this command writes there; other files are "
+    "never touched (default: refuse an existing, non-empty OUTPUT)"
+)
 
-    parser = argparse.ArgumentParser(
-        prog="qlora", description="Fine-tune LLMs with LoRA and QLoRA on the hardware you have."
-    )
-    parser.add_argument("--version", action="version", version=f"qlora {qlora.__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    env = commands.add_parser("env", help="show versions, fast kernels and devices")
-    env.set_defaults(handler=_env)
-    from qlora.memory import METHODS, OPTIMIZERS
+
+def _add_estimate(commands: Any) -> None:
+    from qlora.config import LoraConfig
+    from qlora.memory import estimate
 
     est = commands.add_parser(
         "estimate",
@@ -235,20 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Peak memory of one fine-tuning step; without --model, a table across sizes.",
     )
     est.add_argument("--model", help="size (7b, 13b, 70b, 8x7b, 135m, ...) or a config.json")
-    est.add_argument("--method", choices=METHODS, default="qlora-4")
-    est.add_argument("--batch", type=int, default=1)
-    est.add_argument("--seq-len", type=int, default=512)
-    est.add_argument("--rank", type=int, default=16)
-    est.add_argument("--optim", choices=OPTIMIZERS, default="adamw")
-    est.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=False)
-    est.add_argument(
-        "--chunked-loss",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="our trainer's chunked loss (default); --no-chunked-loss: full logits",
-    )
-    est.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"))
-    est.add_argument("--device", choices=("cuda", "cpu"))
+    _param_option(est, "--method", estimate, "method")
+    _param_option(est, "--batch", estimate, "batch")
+    _param_option(est, "--seq-len", estimate, "seq_len")
+    _param_option(est, "--rank", estimate, "rank", default=LoraConfig.r)
+    _param_option(est, "--optim", estimate, "optimizer")
+    _param_option(est, "--grad-ckpt", estimate, "grad_ckpt")
+    _param_option(est, "--chunked-loss", estimate, "chunked_loss")
+    _param_option(est, "--compute-dtype", estimate, "compute_dtype")
+    _param_option(est, "--device", estimate, "device")
     est.add_argument("--sizes", action="store_true", help="table across sizes x methods")
     est.add_argument(
         "--compare-table",
@@ -257,11 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     est.set_defaults(handler=_estimate)
 
+
+def _add_inference(commands: Any) -> None:
+    from qlora.config import QuantConfig
+
     gen = commands.add_parser("generate", help="prompt -> text, streamed (optional adapters)")
     gen.add_argument("prompt")
     _add_model_args(gen)
     _add_generation_args(gen)
-    gen.add_argument("--raw", action="store_true", help="no chat template")
+    gen.add_argument("--raw", action="store_true", help="no template: the text as it is")
     gen.set_defaults(handler=_generate)
 
     chat = commands.add_parser("chat", help="interactive chat with the chat template")
@@ -274,9 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("source", help="registered name, HF directory or .gguf file")
     quant.add_argument("output", help="the directory to write")
-    quant.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "int8", "nf2"))
-    quant.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
-    quant.add_argument("--blocksize", type=int, default=64)
+    _field_option(quant, "--quant", QuantConfig, "kind", allow_none=False)
+    _field_option(quant, "--double-quant", QuantConfig, "double_quant")
+    _field_option(quant, "--blocksize", QuantConfig, "blocksize")
+    quant.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     quant.set_defaults(handler=_quantize)
 
     merge = commands.add_parser(
@@ -288,7 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("output", help="the directory to write")
     _add_model_args(merge)
+    merge.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     merge.set_defaults(handler=_merge)
+
+
+def _add_training(commands: Any) -> None:
+    from qlora.config import DataConfig, TrainConfig
 
     train = commands.add_parser("train", help="fine-tune from a recipe YAML (configs/)")
     train.add_argument("config", nargs="?", help="recipe YAML (default: all defaults)")
@@ -299,17 +416,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)",
     )
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in train.output_dir from its newest readable checkpoint",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a train.output_dir that holds an earlier run (replaces that "
+        "run's files; a folder with files that are not a qlora run's is always refused)",
+    )
     train.set_defaults(handler=_train)
 
     ev = commands.add_parser(
         "eval", help="loss / perplexity on a dataset, with and without adapters"
     )
     _add_model_args(ev)
-    ev.add_argument("--data", required=True, help="JSON/JSONL records")
-    ev.add_argument("--format", default="auto", choices=("auto", "alpaca", "chat", "text"))
-    ev.add_argument("--max-seq-len", type=int, default=512)
-    ev.add_argument("--batch-size", type=int, default=8)
+    _field_option(ev, "--data", DataConfig, "path", required=True)
+    _field_option(ev, "--format", DataConfig, "format")
+    _field_option(ev, "--max-seq-len", DataConfig, "max_seq_len")
+    _field_option(ev, "--batch-size", TrainConfig, "batch_size", default=8)
     ev.set_defaults(handler=_eval)
 
     demo = commands.add_parser(
@@ -318,7 +445,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="out/demo")
     demo.add_argument("--steps", type=int, default=40)
     demo.set_defaults(handler=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import qlora
+
+    parser = argparse.ArgumentParser(
+        prog="qlora", description="Fine-tune LLMs with LoRA and QLoRA on the hardware you have."
+    )
+    parser.add_argument("--version", action="version", version=f"qlora {qlora.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    env = commands.add_parser("env", help="show versions, fast kernels and devices")
+    env.set_defaults(handler=_env)
+    _add_estimate(commands)
+    _add_inference(commands)
+    _add_training(commands)
     return parser
+
+
+# -- running a command -----------------------------------------------------------------------
+
+
+def _caused_by_interrupt(err: BaseException) -> bool:
+    """Whether ``err`` was raised while handling Ctrl-C (the trainer's "how to resume")."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,11 +489,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.handler(args))
+    except KeyboardInterrupt:
+        if args.command in ("chat", "generate"):
+            print(flush=True)  # end the line the reply was streaming on; nothing else
+        else:
+            print(f"qlora {args.command}: interrupted", file=sys.stderr)
+        return _INTERRUPTED
     except (ConfigError, ModelLoadError, OSError, ValueError, RuntimeError) as err:
-        # Bad input: one line naming the culprit, not a traceback.
+        # Bad input: one line naming the culprit, not a traceback. An error raised for
+        # Ctrl-C (e.g. the trainer's, saying how to resume) keeps the interrupt's status.
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"qlora {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _INTERRUPTED if _caused_by_interrupt(err) else 2
 
 
 if __name__ == "__main__":

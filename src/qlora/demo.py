@@ -14,14 +14,28 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora.config import load_run_config
+
+if TYPE_CHECKING:
+    from qlora.train.run_dir import RunDirectory
 
 __all__ = ["run_demo"]
 
 
 def run_demo(output_dir: str = "out/demo", steps: int = 40, n_eval: int = 50) -> dict:
     """Run the demo; returns the measured numbers (also printed)."""
+    from qlora.train.run_dir import claim_output_dir
+
+    out = Path(output_dir)
+    # The demo's directory is its own: a rerun starts over in it (an earlier demo's files are
+    # replaced), but a folder holding anything else is refused like any training's.
+    with claim_output_dir(out, overwrite=True) as run_dir:
+        return _demo_in(run_dir, steps, n_eval)
+
+
+def _demo_in(run_dir: RunDirectory, steps: int, n_eval: int) -> dict:
     import torch
 
     from qlora.data import make_task_dataset, score, write_jsonl
@@ -29,7 +43,7 @@ def run_demo(output_dir: str = "out/demo", steps: int = 40, n_eval: int = 50) ->
     from qlora.recipe import run_training
 
     start = time.perf_counter()
-    out = Path(output_dir)
+    out = run_dir.path
     train_records, eval_records = make_task_dataset(400, n_eval, seed=0)
     write_jsonl(train_records, out / "data" / "train.jsonl")
     write_jsonl(eval_records, out / "data" / "eval.jsonl")
@@ -52,7 +66,7 @@ def run_demo(output_dir: str = "out/demo", steps: int = 40, n_eval: int = 50) ->
         ],
     )
     t_train = time.perf_counter()
-    run = run_training(config)
+    run = run_training(config, run_dir=run_dir)
     train_seconds = time.perf_counter() - t_train
     model, tok = run.model, run.tokenizer
     model.eval()

@@ -1,7 +1,9 @@
 """Text generation for the CLI: one prompt (streamed to the terminal) and an interactive chat.
 
-Decoding is transformers' ``generate`` (greedy, or sampling with temperature / top-p);
-prompts go through the tokenizer's chat template unless ``raw`` is set.
+Decoding is transformers' ``generate`` (greedy, or sampling with temperature / top-p). The
+prompt ids come from `qlora.data.prompt`, the encoding training used (chat template or the
+plain template, tokenized segment by segment without special tokens), so a fine-tuned model
+is asked exactly as it was taught; ``raw`` sends the text as it is.
 """
 
 from __future__ import annotations
@@ -13,20 +15,29 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-__all__ = ["chat_loop", "generate_text", "render_prompt"]
+from qlora.config import GenerationConfig
+from qlora.data.prompt import prompt_ids, text_ids
+
+__all__ = ["chat_loop", "generate_text", "prompt_tensor"]
 
 
-def render_prompt(
+def prompt_tensor(
     tokenizer: Any, messages: list[dict[str, str]], raw: bool = False
 ) -> torch.Tensor:
-    """Token ids [1, T] for ``messages`` with the chat template (plain text when raw/none)."""
-    if not raw and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt"
-        )
-        return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
-    text = "\n".join(m["content"] for m in messages)
-    return tokenizer(text, return_tensors="pt").input_ids
+    """Token ids [1, T] asking for the reply to ``messages``, as training encoded prompts.
+
+    With ``raw``, the messages' contents joined by newlines, as they are (no template).
+
+    Raises:
+        ValueError: the prompt has no tokens (an empty ``raw`` text).
+    """
+    if raw:
+        ids = text_ids(tokenizer, "\n".join(m["content"] for m in messages))
+    else:
+        ids = prompt_ids(tokenizer, messages)
+    if not ids:
+        raise ValueError("the prompt is empty: give the text to continue")
+    return torch.tensor([ids], dtype=torch.long)
 
 
 def generate_text(
@@ -34,16 +45,23 @@ def generate_text(
     tokenizer: Any,
     messages: list[dict[str, str]],
     *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    max_new_tokens: int = GenerationConfig.max_new_tokens,
+    temperature: float = GenerationConfig.temperature,
+    top_p: float = GenerationConfig.top_p,
     raw: bool = False,
     stream: TextIO | None = None,
 ) -> str:
-    """The model's reply to ``messages`` (greedy when temperature is 0), optionally streamed."""
+    """The model's reply to ``messages`` (greedy when temperature is 0), optionally streamed.
+
+    Raises:
+        ConfigError: a generation setting out of range (see `GenerationConfig`).
+        ValueError: an empty raw prompt.
+    """
     from transformers import TextStreamer
 
-    ids = render_prompt(tokenizer, messages, raw).to(next(model.parameters()).device)
+    # The settings are checked (ConfigError naming the bad one) before any work is done.
+    GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    ids = prompt_tensor(tokenizer, messages, raw).to(next(model.parameters()).device)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)

@@ -7,7 +7,6 @@ resolved config written beside the outputs so a run can be reproduced or resumed
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,10 @@ import torch
 import yaml
 from torch import nn
 
-from qlora.config import RunConfig
-from qlora.nn import add_lora
+from qlora.config import RunConfig, check_data_files
+from qlora.files import atomic_write
+from qlora.nn import add_lora, init_loftq, trainable_report
+from qlora.train.run_dir import RunDirectory, claim_output_dir
 
 __all__ = ["EpochBatches", "RunResult", "load_base", "run_training"]
 
@@ -58,51 +59,49 @@ class RunResult:
     data_summary: str
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_base(config: RunConfig) -> tuple[nn.Module, Any]:
     """The base model and tokenizer as ``config.model`` and ``config.quant`` describe."""
     from qlora.models import load_model
 
-    device = _device(config.model.device)
-    dtype = None if config.model.dtype == "auto" else config.model.dtype
-    quant = config.quant
-    return load_model(
-        config.model.source,
-        quant=quant.kind,
-        double_quant=quant.double_quant,
-        blocksize=quant.blocksize,
-        compute_dtype=quant.compute_dtype if quant.kind else None,
-        dtype=dtype,
-        target_modules=quant.target_modules,
-        device=device,
-    )
+    return load_model(config.model, config.quant)
 
 
-def _write_config(config: RunConfig, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    os.replace(tmp, path)
+def run_training(
+    config: RunConfig,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    run_dir: RunDirectory | None = None,
+) -> RunResult:
+    """Fine-tune as ``config`` says; the adapter goes to ``<output_dir>/adapter`` (PEFT format).
+
+    The output directory is claimed first (new, empty or an earlier run's; locked for the
+    run; see `qlora.train.run_dir`): ``resume`` continues the run it holds, ``overwrite``
+    starts over in it. A caller that claimed it already (to write inputs there first, as
+    the demo does) passes ``run_dir``.
+    """
+    check_data_files(config.data)  # a typo in a path costs no loading time
+    if run_dir is not None:
+        return _run_in(config, run_dir, resume=resume, progress=progress)
+    with claim_output_dir(config.train.output_dir, resume=resume, overwrite=overwrite) as claimed:
+        return _run_in(config, claimed, resume=resume, progress=progress)
 
 
-def run_training(config: RunConfig, resume: bool = False, progress: bool = True) -> RunResult:
-    """Fine-tune as ``config`` says; the adapter goes to ``<output_dir>/adapter`` (PEFT format)."""
+def _run_in(config: RunConfig, run_dir: RunDirectory, *, resume: bool, progress: bool) -> RunResult:
     from qlora.adapters import save_adapter
     from qlora.data import BatchLoader, load_data, pad_id_of
     from qlora.train import train
 
-    out = Path(config.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_config(config, out / "config.yaml")
+    out = run_dir.path
+    atomic_write(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     loftq = config.lora.init == "loftq"  # LoftQ quantizes from the full-precision weights
     full_precision = dataclasses.replace(config, quant=dataclasses.replace(config.quant, kind=None))
     model, tokenizer = load_base(full_precision if loftq else config)
     torch.manual_seed(config.train.seed)  # the adapters' initialization is part of the run
-    add_lora(model, config.lora, quant=config.quant if loftq else None)
+    add_lora(model, config.lora)
+    if loftq:  # quantize now, fitting the adapters to the quantization error
+        print(init_loftq(model, config.lora, config.quant, progress=progress))
+    print(trainable_report(model))
     data = load_data(config.data, tokenizer)
     summary = data.summary()
     print(summary)
@@ -119,7 +118,13 @@ def run_training(config: RunConfig, resume: bool = False, progress: bool = True)
         eval_loader = BatchLoader(data.eval, config.train.batch_size, pad, shuffle=False)
         eval_batches = list(eval_loader)
     result = train(
-        model, config.train, EpochBatches(loader), eval_batches, resume=resume, progress=progress
+        model,
+        config.train,
+        EpochBatches(loader),
+        eval_batches,
+        resume=resume,
+        progress=progress,
+        run_dir=run_dir,
     )
     adapter_dir = save_adapter(model, out / "adapter", base_model_name_or_path=config.model.source)
     return RunResult(model, tokenizer, result, Path(adapter_dir), summary)

@@ -34,7 +34,7 @@ def adapted_llama(
 ) -> nn.Module:
     """tiny_llama(seed) with a randomized LoRA adapter "default" (r=4, alpha=8 unless given)."""
     config = LoraConfig(**{"r": 4, "alpha": 8.0, "dropout": 0.0, **lora})  # type: ignore[arg-type]
-    model = add_lora(tiny_llama(seed=seed, tied=tied), config, verbose=False)
+    model = add_lora(tiny_llama(seed=seed, tied=tied), config)
     return randomize(model, seed=adapter_seed)
 
 

@@ -142,6 +142,22 @@ def test_corrupt_weights_file(saved: Path, tmp_path: Path) -> None:
     _fails(directory, AdapterFormatError, r"adapter_model.safetensors")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_a_corrupt_adapter(
+    saved: Path, tmp_path: Path, value: float
+) -> None:
+    """A diverged training saves NaN; loading it must say so, not fail later as NaN logits."""
+    directory = _copy(saved, tmp_path)
+    q_b = Q_A.replace("lora_A", "lora_B")
+
+    def poison(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[q_b][3, 1] = value
+
+    _edit_weights(directory, poison)
+    message = _fails(directory, AdapterFormatError, r"NaN/inf values; the adapter is corrupt")
+    assert str(directory / "adapter_model.safetensors") in message and q_b in message
+
+
 def test_name_taken_or_invalid(saved: Path) -> None:
     model = tiny_llama(seed=0)
     load_adapter(model, saved)

@@ -12,6 +12,7 @@ import torch
 
 from qlora.adapters import ExportError, export_merged, measure_drift, merged_state_dict
 from qlora.config import LoraConfig, QuantConfig
+from qlora.files import DestinationError
 from qlora.nn import LoRALinear, QuantLinear, add_lora, delta_weight, quantize_model, set_adapter
 from tests.adapters.helpers import VOCAB, adapted_llama, input_ids, logits, max_diff, randomize
 from tests.tiny_models import tiny_llama
@@ -65,7 +66,7 @@ def test_fp32_export_loads_with_transformers_and_matches(tmp_path: Path, tied: b
 def test_qlora_export_uses_dequantized_weights(tmp_path: Path) -> None:
     original = tiny_llama(seed=0)
     model = quantize_model(tiny_llama(seed=0), QuantConfig(kind="nf4"))
-    randomize(add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0), verbose=False))
+    randomize(add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0)))
     report = export_merged(model, tmp_path, check_input_ids=input_ids())
     print(f"nf4 merged export: {report}")
     assert report.dequantized_layers == 14 and report.drift is not None and report.drift <= 1e-4
@@ -97,7 +98,7 @@ def test_merged_state_dict_leaves_the_model_alone() -> None:
 
 def test_merge_a_named_adapter_and_dtype(tmp_path: Path) -> None:
     model = adapted_llama(adapter_seed=1)
-    add_lora(model, LoraConfig(r=2, alpha=2.0, dropout=0.0), adapter_name="b", verbose=False)
+    add_lora(model, LoraConfig(r=2, alpha=2.0, dropout=0.0), adapter_name="b")
     randomize(model, "b", seed=2)
     set_adapter(model, "default")
     only_b = merged_state_dict(model, adapter="b")
@@ -119,8 +120,12 @@ def test_export_errors(tmp_path: Path) -> None:
     clash = tmp_path / "clash"
     clash.mkdir()
     (clash / "adapter_config.json").write_text("{}")
-    with pytest.raises(ExportError, match=r"already holds adapter_config.json.*export elsewhere"):
+    with pytest.raises(DestinationError, match=r"clash is not empty .*adapter_config\.json"):
         export_merged(model, clash)
+    # from_pretrained would load the adapter on top of the merged model: refused with
+    # overwrite too, and the file is the user's to remove
+    with pytest.raises(DestinationError, match=r"holds adapter_config\.json.*nothing is deleted"):
+        export_merged(model, clash, overwrite=True)
     assert [p.name for p in clash.iterdir()] == ["adapter_config.json"]
     with pytest.raises(ExportError, match=r"has no \.config"):
         export_merged(torch.nn.Linear(2, 2), tmp_path / "b")
@@ -133,6 +138,6 @@ def test_adapted_tied_head_is_untied_in_the_export(tmp_path: Path) -> None:
     merged = _load(tmp_path)
     assert merged.config.tie_word_embeddings is False
     assert max_diff(logits(merged), logits(model)) <= 1e-4
-    # exporting again into the same directory replaces the files in place
-    export_merged(adapted_llama(adapter_seed=3), tmp_path, verbose=False)
+    # exporting again into the same directory with overwrite replaces the files in place
+    export_merged(adapted_llama(adapter_seed=3), tmp_path, verbose=False, overwrite=True)
     assert max_diff(logits(_load(tmp_path)), logits(adapted_llama(adapter_seed=3))) <= 1e-4

@@ -18,7 +18,7 @@ def tok() -> Any:
         path = resolve_checkpoint("smollm2-135m")
     except ModelLoadError as err:
         pytest.skip(str(err))
-    return transformers.AutoTokenizer.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 @pytest.fixture(scope="session")

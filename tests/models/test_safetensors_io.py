@@ -73,3 +73,70 @@ def test_errors_name_the_file_and_the_problem(tmp_path: Path) -> None:
     path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
     with pytest.raises(SafetensorsError, match="unsupported dtype 'Q4'"):
         SafetensorsReader(path)
+
+
+def _with_header(path: Path, header: bytes, data: int = 16) -> Path:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "pattern"),
+    [
+        (b'{"x":{"dtype":"F32","shape":[-1,-4],"data_offsets":[0,16]}}', r"shape \[-1, -4\]"),
+        (b'{"x":{"dtype":"F32","shape":[-4],"data_offsets":[0,16]}}', r"non-negative integers"),
+        (b'{"x":{"dtype":"F32","shape":[2.0,2],"data_offsets":[0,16]}}', r"shape \[2\.0, 2\]"),
+        (b'{"x":{"dtype":"F32","shape":"4","data_offsets":[0,16]}}', r"shape '4' is not"),
+        (b'{"x":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}', r"shape \[True\]"),
+        (b'{"x":{"dtype":"F32","shape":[4],"data_offsets":[16,0]}}', r"0 <= begin <= end"),
+        (b'{"x":{"dtype":"F32","shape":[0],"data_offsets":[-4,-4]}}', r"data_offsets \[-4, -4\]"),
+        (b'{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,"16"]}}', r"data_offsets \[0, '16'\]"),
+        (b'{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16,32]}}', r"\[begin, end\]"),
+        (b'{"x":{"dtype":["F32"],"shape":[4],"data_offsets":[0,16]}}', r"unsupported dtype"),
+        (b'{"x":{"dtype":"F32","shape":[8],"data_offsets":[0,32]}}', r"truncated"),
+        (b'{"x":[1,2]}', r"malformed header entry"),
+        (b'{"__metadata__":{"format":1}}', r"__metadata__ must map strings to strings"),
+        (b'{"__metadata__":"pt"}', r"__metadata__ must map strings to strings"),
+        (
+            b'{"x":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},'
+            b'"y":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}',
+            r"tensor 'y' overlaps tensor 'x'",
+        ),
+    ],
+    ids=[
+        "negative-dims",
+        "negative-dim",
+        "float-dim",
+        "string-shape",
+        "bool-dim",
+        "reversed-offsets",
+        "negative-offsets",
+        "string-offset",
+        "three-offsets",
+        "list-dtype",
+        "truncated",
+        "entry-not-object",
+        "metadata-value",
+        "metadata-string",
+        "overlap",
+    ],
+)
+def test_malformed_header_is_a_clear_error(tmp_path: Path, header: bytes, pattern: str) -> None:
+    """A corrupt or crafted header fails at open, naming the file, the tensor and the field -
+    not later as a negative-size view, an out-of-range read or two tensors sharing bytes."""
+    path = _with_header(tmp_path / "bad.safetensors", header)
+    with pytest.raises(SafetensorsError, match=pattern) as info:
+        SafetensorsReader(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    if b'"x"' in header:
+        assert "tensor 'x'" in message
+
+
+def test_empty_tensors_may_share_an_offset(tmp_path: Path) -> None:
+    header = (
+        b'{"e":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},'
+        b'"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'
+    )
+    with SafetensorsReader(_with_header(tmp_path / "ok.safetensors", header)) as reader:
+        assert reader.get("e").shape == (0,) and reader.get("x").shape == (4,)

@@ -48,7 +48,7 @@ def test_train_save_reload_generate_merge(tmp_path: Path, capsys) -> None:
     losses = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if "loss" in r] == [1, 2, 3]
     assert result.train.eval_loss is not None and (run / "loss.png").is_file()
-    assert (run / "checkpoint-2" / "state.pt").is_file()
+    assert (run / "checkpoint-2" / "state.json").is_file()
     adapter = result.adapter_dir
     assert (adapter / "adapter_config.json").is_file()
     assert (adapter / "adapter_model.safetensors").is_file()

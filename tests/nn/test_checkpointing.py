@@ -19,7 +19,7 @@ def adapter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_gradient_checkpointing_gives_identical_adapter_gradients() -> None:
     model = qlora.quantize_model(tiny_llama(), qlora.QuantConfig(kind="nf4"))
-    model = qlora.add_lora(model, qlora.LoraConfig(r=8, alpha=16, dropout=0.0), verbose=False)
+    model = qlora.add_lora(model, qlora.LoraConfig(r=8, alpha=16, dropout=0.0))
     model.train()
     ids = torch.randint(0, 128, (2, 16))
     loss = model(ids, labels=ids).loss
@@ -37,7 +37,7 @@ def test_gradient_checkpointing_gives_identical_adapter_gradients() -> None:
 def test_bfloat16_compute_trains() -> None:
     model = tiny_llama(torch.bfloat16)
     model = qlora.quantize_model(model, qlora.QuantConfig(kind="nf4", compute_dtype="bfloat16"))
-    model = qlora.add_lora(model, qlora.LoraConfig(r=8), verbose=False)
+    model = qlora.add_lora(model, qlora.LoraConfig(r=8))
     ids = torch.randint(0, 128, (2, 16))
     loss = model(ids, labels=ids).loss
     loss.backward()

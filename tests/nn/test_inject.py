@@ -151,13 +151,13 @@ def test_unknown_target_error_names_targets_and_lists_linears() -> None:
     assert "model.layers.0.self_attn.q_proj" in message
     assert "gate_proj" in message
     with pytest.raises(ValueError, match="c_attn"):
-        add_lora(model, LoraConfig(target_modules=["c_attn"]), verbose=False)
+        add_lora(model, LoraConfig(target_modules=["c_attn"]))
 
 
 def test_targets_on_lora_model_are_the_wrappers_not_their_inner_linears() -> None:
     model = tiny_model()
     before = find_targets(model, "all-linear")
-    add_lora(model, LoraConfig(r=2), verbose=False)
+    add_lora(model, LoraConfig(r=2))
     assert find_targets(model, "all-linear") == before
     for inner in (["base_layer"], ["default"], ["lora_A.default"]):
         with pytest.raises(ValueError):
@@ -171,6 +171,7 @@ def test_targets_on_lora_model_are_the_wrappers_not_their_inner_linears() -> Non
 def test_add_lora_all_linear_wraps_freezes_and_reports(
     family: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """add_lora wraps and freezes; it prints nothing (the caller prints `trainable_report`)."""
     model = tiny_model(family)
     base_total = sum(p.numel() for p in model.parameters())
     config = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
@@ -189,11 +190,9 @@ def test_add_lora_all_linear_wraps_freezes_and_reports(
     report = trainable_report(model)
     assert report == TrainableReport(trainable=_lora_count(4), total=base_total + _lora_count(4))
     assert report.percent == pytest.approx(100 * report.trainable / report.total)
-    assert model.qlora_report == report
     assert model.lora_configs == {"default": config}
-    printed = capsys.readouterr().out.strip()
-    assert printed == str(report)
-    assert printed == (
+    assert capsys.readouterr().out == ""
+    assert str(report) == (
         f"trainable params: {_lora_count(4):,d} || all params: {base_total + _lora_count(4):,d} "
         f"|| trainable%: {100 * _lora_count(4) / (base_total + _lora_count(4)):.4f}"
     )
@@ -202,7 +201,7 @@ def test_add_lora_all_linear_wraps_freezes_and_reports(
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_backward_reaches_only_lora_params(family: str) -> None:
     model = tiny_model(family)
-    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), verbose=False)
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     fresh = tiny_model(family)
     ids = _ids()
     # B = 0, so a fresh adapter reproduces the base logits exactly.
@@ -224,7 +223,7 @@ def test_backward_reaches_only_lora_params(family: str) -> None:
 def test_add_lora_list_targets_count() -> None:
     model = tiny_model()
     base_total = sum(p.numel() for p in model.parameters())
-    add_lora(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), verbose=False)
+    add_lora(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     assert (
         sorted(n.rsplit(".", 1)[-1] for n, _ in lora_layers(model))
         == ["q_proj"] * 2 + ["v_proj"] * 2
@@ -235,8 +234,8 @@ def test_add_lora_list_targets_count() -> None:
 
 def test_second_adapter_joins_existing_layers_and_becomes_the_trainable_one() -> None:
     model = tiny_model()
-    add_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), verbose=False)
-    add_lora(model, LoraConfig(r=2, target_modules=["v_proj", "o_proj"]), "second", verbose=False)
+    add_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    add_lora(model, LoraConfig(r=2, target_modules=["v_proj", "o_proj"]), "second")
     layers = dict(lora_layers(model))
     assert len(layers) == 6
     v_proj = layers["model.layers.0.self_attn.v_proj"]
@@ -259,10 +258,8 @@ def test_second_adapter_joins_existing_layers_and_becomes_the_trainable_one() ->
 def test_set_adapter_and_disable_adapters_change_logits() -> None:
     model = tiny_model()
     base_logits = model(_ids()).logits
-    add_lora(
-        model, LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "up_proj"]), verbose=False
-    )
-    add_lora(model, LoraConfig(r=4, dropout=0.0, target_modules=["v_proj"]), "b", verbose=False)
+    add_lora(model, LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "up_proj"]))
+    add_lora(model, LoraConfig(r=4, dropout=0.0, target_modules=["v_proj"]), "b")
     _randomize_b(model)
     ids = _ids()
     logits_b = model(ids).logits
@@ -308,7 +305,7 @@ def test_qlora_on_tiny_llama_forward_backward_and_logits_close() -> None:
     assert isinstance(model.lm_head, nn.Linear)
     assert not any(isinstance(m, QuantLinear) for m in model.lm_head.modules())
 
-    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), verbose=False)
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     assert all(isinstance(layer.base_layer, QuantLinear) for _, layer in lora_layers(model))
     report = trainable_report(model)
     assert report == TrainableReport(_lora_count(4), base_total + _lora_count(4))
@@ -337,7 +334,7 @@ def test_qlora_on_tiny_llama_forward_backward_and_logits_close() -> None:
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_model_merge_reproduces_lora_logits(family: str) -> None:
     model = tiny_model(family)
-    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1), verbose=False)
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
     _randomize_b(model)
     model.eval()
     ids = _ids()
@@ -362,7 +359,7 @@ def test_model_merge_reproduces_lora_logits(family: str) -> None:
 def test_model_merge_of_qlora_model_dequantizes() -> None:
     model = tiny_model()
     quantize_model(model, QuantConfig(kind="nf4"))
-    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), verbose=False)
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     _randomize_b(model)
     ids = _ids()
     expected = model(ids).logits
@@ -374,8 +371,8 @@ def test_model_merge_of_qlora_model_dequantizes() -> None:
 def test_model_merge_named_adapter_and_inactive_layers() -> None:
     model = tiny_model()
     reference = tiny_model()
-    add_lora(model, LoraConfig(r=4, dropout=0.0, target_modules=["q_proj"]), verbose=False)
-    add_lora(model, LoraConfig(r=4, dropout=0.0, target_modules=["k_proj"]), "b", verbose=False)
+    add_lora(model, LoraConfig(r=4, dropout=0.0, target_modules=["q_proj"]))
+    add_lora(model, LoraConfig(r=4, dropout=0.0, target_modules=["k_proj"]), "b")
     _randomize_b(model)
     ids = _ids()
     set_adapter(model, "default")
@@ -404,9 +401,31 @@ def test_public_names_are_exported() -> None:
         "disable_adapters",
         "merge",
         "lora_layers",
+        "replace_module",
+        "init_loftq",
+        "LoftQReport",
         "delta_weight",
         "merged_weight",
         "merge_adapter",
         "unmerge_adapter",
     }
     assert all(hasattr(qlora.nn, n) for n in qlora.nn.__all__)
+
+
+def test_add_lora_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    add_lora(tiny_model(), LoraConfig(r=2))
+    assert capsys.readouterr().out == ""
+
+
+def test_inject_and_loftq_do_not_import_each_other_both_ways() -> None:
+    """nn.loftq builds on nn.inject; nn.inject never imports nn.loftq (not even lazily)."""
+    import ast
+    import inspect
+
+    import qlora.nn.inject
+
+    tree = ast.parse(inspect.getsource(qlora.nn.inject))
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    } | {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not any("loftq" in name for name in imported), imported

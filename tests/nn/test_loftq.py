@@ -1,6 +1,7 @@
 """LoftQ initialization against a float64 reference (quantize, exact SVD of the residual),
 its compatibility promise (one round keeps the base byte-identical to plain quantization, so
-a trained adapter works on a normally quantized base) and its wiring into add_lora."""
+a trained adapter works on a normally quantized base) and `init_loftq`, the init step run
+after add_lora."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from qlora.config import ConfigError, LoraConfig, QuantConfig
 from qlora.nn import LoRALinear, QuantLinear, add_lora, lora_layers, quantize_model
-from qlora.nn.loftq import loftq_decompose, low_rank_factors
+from qlora.nn.loftq import LoftQReport, init_loftq, loftq_decompose, low_rank_factors
 from qlora.quant import dequantize, quantize
 from tests.tiny_models import tiny_llama
 
@@ -104,16 +105,25 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-def test_add_lora_loftq_starts_closer_to_the_full_precision_model() -> None:
+def _loftq(model: torch.nn.Module, lora: LoraConfig, quant: QuantConfig) -> LoftQReport:
+    """The two steps a LoftQ run takes: add_lora on the full-precision model, then init_loftq."""
+    add_lora(model, lora)
+    return init_loftq(model, lora, quant, progress=False)
+
+
+def test_init_loftq_starts_closer_to_the_full_precision_model(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     reference = _logits(tiny_llama(seed=0), ids)
     quant = QuantConfig(kind="nf2")
     plain = quantize_model(tiny_llama(seed=0), quant)
-    add_lora(plain, LoraConfig(r=8, alpha=16, dropout=0.0), verbose=False)
+    add_lora(plain, LoraConfig(r=8, alpha=16, dropout=0.0))
     loftq = tiny_llama(seed=0)
-    add_lora(
-        loftq, LoraConfig(r=8, alpha=16, dropout=0.0, init="loftq"), verbose=False, quant=quant
-    )
+    report = _loftq(loftq, LoraConfig(r=8, alpha=16, dropout=0.0, init="loftq"), quant)
+    assert capsys.readouterr().out == ""  # neither step prints; the caller prints the report
+    assert len(report.fitted) == 14 and report.plain == []
+    assert str(report).startswith("LoftQ nf2: 14 adapters fitted")
     for _, layer in lora_layers(loftq):
         assert isinstance(layer.base_layer, QuantLinear)
         assert layer.base_layer.quant_state.kind == "nf2"
@@ -125,12 +135,17 @@ def test_add_lora_loftq_starts_closer_to_the_full_precision_model() -> None:
     assert float(loftq_gap) < 0.8 * float(plain_gap)
 
 
-def test_add_lora_loftq_on_a_subset_quantizes_the_rest_plainly() -> None:
+def test_init_loftq_on_a_subset_quantizes_the_rest_plainly() -> None:
     model = tiny_llama(seed=0)
-    quant = QuantConfig(kind="nf4")
-    add_lora(
-        model, LoraConfig(r=4, target_modules=["q_proj"], init="loftq"), verbose=False, quant=quant
+    report = _loftq(
+        model, LoraConfig(r=4, target_modules=["q_proj"], init="loftq"), QuantConfig(kind="nf4")
     )
+    assert sorted(report.fitted) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    assert len(report.plain) == 12
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        f"model.layers.{i}.self_attn.q_proj.lora_{ab}.default.weight" for i in (0, 1) for ab in "AB"
+    }
     for name, module in model.named_modules():
         if name.endswith("q_proj"):
             assert isinstance(module, LoRALinear)
@@ -139,19 +154,12 @@ def test_add_lora_loftq_on_a_subset_quantizes_the_rest_plainly() -> None:
             assert isinstance(module, QuantLinear)
 
 
-def test_add_lora_loftq_errors_name_the_fix() -> None:
-    with pytest.raises(ValueError, match="quant=QuantConfig"):
-        add_lora(tiny_llama(seed=0), LoraConfig(init="loftq"), verbose=False)
+def test_init_loftq_errors_name_the_fix() -> None:
     with pytest.raises(ValueError, match=r"quant\.kind is None"):
-        add_lora(
-            tiny_llama(seed=0),
-            LoraConfig(init="loftq"),
-            verbose=False,
-            quant=QuantConfig(kind=None),
-        )
+        _loftq(tiny_llama(seed=0), LoraConfig(init="loftq"), QuantConfig(kind=None))
     quantized = quantize_model(tiny_llama(seed=0), QuantConfig(kind="nf4"))
-    with pytest.raises(ValueError, match=r"full-precision weight of model\.layers\.0"):
-        add_lora(quantized, LoraConfig(init="loftq"), verbose=False, quant=QuantConfig(kind="nf4"))
+    with pytest.raises(ValueError, match=r"full-precision weight of model\.layers\.0.*quant=None"):
+        _loftq(quantized, LoraConfig(init="loftq"), QuantConfig(kind="nf4"))
 
 
 def test_one_round_adapter_works_on_a_normally_quantized_base(tmp_path: Path) -> None:
@@ -163,7 +171,7 @@ def test_one_round_adapter_works_on_a_normally_quantized_base(tmp_path: Path) ->
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     quant = QuantConfig(kind="fp4")
     model = tiny_llama(seed=0)
-    add_lora(model, LoraConfig(r=4, alpha=8, init="loftq"), verbose=False, quant=quant)
+    _loftq(model, LoraConfig(r=4, alpha=8, init="loftq"), quant)
     batches = [{"input_ids": ids, "labels": ids.clone()}]
     config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, lr=1e-2, warmup_steps=0)
     train(model, config, batches, progress=False)
@@ -176,4 +184,4 @@ def test_one_round_adapter_works_on_a_normally_quantized_base(tmp_path: Path) ->
 def test_several_rounds_warn_that_the_base_is_not_plain_quantization() -> None:
     config = LoraConfig(r=4, target_modules=["q_proj"], init="loftq", loftq_iters=2)
     with pytest.warns(UserWarning, match="loftq_iters=2"):
-        add_lora(tiny_llama(seed=0), config, verbose=False, quant=QuantConfig(kind="nf2"))
+        _loftq(tiny_llama(seed=0), config, QuantConfig(kind="nf2"))

@@ -396,7 +396,7 @@ def test_adapters_added_to_an_eval_model_stay_in_eval_mode() -> None:
     from tests.tiny_models import tiny_llama
 
     model = tiny_llama().eval()
-    add_lora(model, LoraConfig(r=4, dropout=0.5), verbose=False)
+    add_lora(model, LoraConfig(r=4, dropout=0.5))
     assert not any(m.training for m in model.modules())
     ids = torch.randint(0, 128, (1, 8))
     with torch.no_grad():

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qlora.kernels import c_extension
 from qlora.nn import LoRALinear, QuantLinear
-from qlora.nn.dropout import apply_dropout, draw_seeds, keep_mask_reference, ops_kernel
+from qlora.nn.dropout import apply_dropout, draw_seeds, keep_mask_reference
 from qlora.nn.lora_fused import fused_lora_supported
 
-requires_kernel = pytest.mark.skipif(ops_kernel() is None, reason="C ops kernel not built")
+requires_kernel = pytest.mark.skipif(c_extension("ops") is None, reason="C ops kernel not built")
 
 
 def _layer(kind: str, bias: bool, dropout: float, out: int = 96, inp: int = 80) -> LoRALinear:

@@ -10,18 +10,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from qlora.optim import build_optimizer
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from qlora.procinfo import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def main() -> None:
@@ -34,11 +27,11 @@ def main() -> None:
                           state_dir=state_dir)  # fmt: skip
     scratch = torch.empty(8 << 20, dtype=torch.uint8)  # warm the allocator's small paths
     del scratch
-    before = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = rss_bytes()
+    reset_peak_rss()  # VmHWM restarts from the current RSS
     for _ in range(3):
         opt.step()
-    peak = _status("VmHWM")
+    peak = peak_rss_bytes()
     state = opt.state_nbytes() if hasattr(opt, "state_nbytes") else sum(
         t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
         if torch.is_tensor(t) and t.dim() > 0

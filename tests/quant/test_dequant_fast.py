@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from qlora.kernels import c_extension
 from qlora.quant import KINDS, dequantize, dequantize_reference, quantize
-from qlora.quant.dequant import cpu_kernel
 
-needs_kernel = pytest.mark.skipif(cpu_kernel() is None, reason="C kernel not built")
+needs_kernel = pytest.mark.skipif(c_extension("cpu") is None, reason="C kernel not built")
 
 
 @needs_kernel

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qlora.kernels import c_extension
 from qlora.quant.blockwise import quantize
 from qlora.quant.codebooks import decision_bounds
-from qlora.quant.dequant import cpu_kernel
 
 pytestmark = pytest.mark.skipif(
-    cpu_kernel() is None or not hasattr(cpu_kernel(), "quantize"),
+    c_extension("cpu") is None or not hasattr(c_extension("cpu"), "quantize"),
     reason="the C kernel is not built (or QLORA_DISABLE_KERNELS is set)",
 )
 

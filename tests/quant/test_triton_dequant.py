@@ -22,7 +22,7 @@ pytestmark = requires_triton
 def test_triton_kernel_matches_reference(
     kind: str, out_dtype: torch.dtype, shape: tuple[int, ...], blocksize: int
 ) -> None:
-    from qlora.quant.kernels.triton_dequant import dequantize_triton
+    from qlora.kernels.triton_dequant import dequantize_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     state = quantize(torch.randn(shape) * 0.05, kind, blocksize, double_quant=True).to(device)
@@ -36,7 +36,7 @@ def test_triton_kernel_matches_reference(
 
 def test_bf16_rounding_is_nearest_even() -> None:
     """Values chosen so that truncation and round-to-nearest-even differ."""
-    from qlora.quant.kernels.triton_dequant import dequantize_triton
+    from qlora.kernels.triton_dequant import dequantize_triton
 
     state = quantize(torch.randn(4096) * 3.3, "nf4", 64, double_quant=False)
     out = torch.empty(4096, dtype=torch.bfloat16)

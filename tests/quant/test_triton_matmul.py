@@ -41,7 +41,7 @@ def _state(
 
 
 def _fused(x: torch.Tensor, state: QuantState, **kwargs: int) -> torch.Tensor:
-    from qlora.quant.kernels.triton_matmul import quantized_matmul_triton
+    from qlora.kernels.triton_matmul import quantized_matmul_triton
 
     n, k = state.shape
     return quantized_matmul_triton(
@@ -123,7 +123,7 @@ def test_tile_sizes(block_n: int, block_k: int) -> None:
 
 def test_more_rows_than_one_tile() -> None:
     """Correct (if not fast) beyond FUSED_MAX_TOKENS: M spans two BLOCK_M tiles."""
-    from qlora.quant.kernels.triton_matmul import FUSED_MAX_TOKENS
+    from qlora.kernels.triton_matmul import FUSED_MAX_TOKENS
 
     state = _state((20, 128), "fp4", 64)
     x = torch.randn(FUSED_MAX_TOKENS + 4, 128, device=DEVICE)
@@ -137,7 +137,7 @@ def test_empty_input() -> None:
 
 
 def test_rejects_bad_arguments() -> None:
-    from qlora.quant.kernels.triton_matmul import quantized_matmul_triton
+    from qlora.kernels.triton_matmul import quantized_matmul_triton
 
     state = _state((20, 128), "nf4", 64, double_quant=True)
     absmax = dequantize_absmax(state)

@@ -12,12 +12,8 @@ from qlora.train.allocator import limit_heap_retention
 CHILD = """
 import sys
 import torch
+from qlora.procinfo import rss_bytes as rss
 from qlora.train.allocator import limit_heap_retention
-
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
 
 # 32 MiB: where glibc's dynamic threshold ends up once training has freed a few big tensors
 # (its default behaviour, made deterministic here); 128 KiB: what qlora.train sets.

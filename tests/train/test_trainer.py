@@ -23,7 +23,7 @@ VOCAB = 96
 
 def _model(dropout: float = 0.0) -> torch.nn.Module:
     model = tiny_llama(vocab=VOCAB, seed=0)
-    add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout), verbose=False)
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout))
     return model
 
 
@@ -84,7 +84,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> No
     config = TrainConfig(output_dir=str(tmp_path), max_steps=10, save_every=2, warmup_steps=0)
     with pytest.raises(TrainingError, match=r"step 5: the loss is nan.*checkpoint-4"):
         train(model, config, [*good, bad], progress=False)
-    assert (tmp_path / "checkpoint-4" / "state.pt").is_file()
+    assert (tmp_path / "checkpoint-4" / "state.json").is_file()
 
 
 def test_no_trainable_parameters_or_data_is_an_error(tmp_path: Path) -> None:
@@ -119,6 +119,24 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path: Path, opti
     assert len(expected) == len(got) == 10
     for step, (a, b) in enumerate(zip(expected, got, strict=True), start=1):
         assert abs(a - b) <= 1e-6, (step, a, b)
+
+
+def test_ctrl_c_saves_the_last_completed_step_and_resume_gives_the_uninterrupted_losses(
+    tmp_path: Path,
+) -> None:
+    full = _child(tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    stopped = _child(tmp_path / "stopped", "--interrupt-at-batch", "10")  # inside step 5
+    assert stopped.returncode == 1
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert "interrupted during step 5" in last and "checkpoint-4 (step 4)" in last, last
+    assert "--resume" in last and "Traceback" not in stopped.stderr
+    assert not list((tmp_path / "stopped").glob(".checkpoint-*"))  # nothing half-written
+    resumed = _child(tmp_path / "stopped", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    expected = _losses(tmp_path / "full" / "metrics.jsonl")
+    got = _losses(tmp_path / "stopped" / "metrics.jsonl")
+    assert got == pytest.approx(expected, abs=1e-6)
 
 
 def test_tensorboard_flag(tmp_path: Path) -> None:

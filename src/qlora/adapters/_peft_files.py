@@ -1,8 +1,9 @@
 """Reading and validating PEFT adapter files, before anything touches the model.
 
 `load_adapter` (in `peft_format`) calls these in order: find the two files, parse the
-config (rejecting anything that is not plain LoRA on Linear layers), read the weights, and
-match every key to a Linear layer of the model with the shapes the config implies.
+config (rejecting anything that is not plain LoRA on Linear layers), read the weights,
+match every key to a Linear layer of the model with the shapes the config implies, and
+check that every weight is finite.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "AdapterFormatError",
     "AdapterNotFoundError",
     "Spec",
+    "check_finite",
     "find_files",
     "match_weights",
     "parse_config",
@@ -242,3 +244,16 @@ def match_weights(
                 raise AdapterFormatError(f"{path}: {module}.lora_{ab} is {group[ab].dtype}")
         pairs[module] = (group["A"], group["B"])
     return pairs
+
+
+def check_finite(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+    """NaN or inf in A or B would make every output NaN: say so at load, naming the tensor."""
+    for module, weights in pairs.items():
+        for ab, weight in zip("AB", weights, strict=True):
+            bad = int((~torch.isfinite(weight.float())).sum())
+            if bad:
+                raise AdapterFormatError(
+                    f"{path}: {PREFIX}{module}.lora_{ab}.weight holds {bad} NaN/inf values; "
+                    "the adapter is corrupt or its training diverged (retrain with a lower "
+                    "learning rate, or load an earlier checkpoint)"
+                )

@@ -10,6 +10,11 @@ weight, the weight the adapter was trained against. Adding it to the original 16
 weight instead would silently change the model by the quantization error. Quantized layers
 without an adapter are dequantized too, so the export holds no 4-bit tensors.
 
+Where it writes: as `qlora.models.save_quantized` - a new or empty directory, an existing
+one only with ``overwrite=True`` (then only the files written here are replaced), never
+the directory the base was loaded from (overwriting the base you merge from loses it);
+the rule is `qlora.models.destination`'s.
+
 Nothing here modifies the model: tensors are computed one at a time and streamed into the
 file, so exporting needs the memory of the largest merged tensor, not of the whole model.
 """
@@ -28,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora.adapters._staging import staged_directory
+from qlora.files import staged_directory
+from qlora.models.destination import MODEL_FILES, check_model_destination
 from qlora.models.safetensors_io import write_safetensors
 from qlora.nn.lora import LoRALinear, base_weight_dtype, merged_weight
 from qlora.nn.qlinear import QuantLinear
@@ -36,9 +42,6 @@ from qlora.nn.qlinear import QuantLinear
 __all__ = ["ExportError", "ExportReport", "export_merged", "measure_drift", "merged_state_dict"]
 
 WEIGHTS_NAME = "model.safetensors"
-# Files that would make from_pretrained load something other than what we write.
-_CONFLICTING = ("model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
-_CONFLICTING_NAMES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class ExportError(ValueError):
@@ -205,20 +208,6 @@ def merged_state_dict(
     return {e.name: e.make() for e in _plan(model, adapter, dtype).entries}
 
 
-def _check_destination(directory: Path) -> None:
-    if not directory.is_dir():
-        return
-    clashes = sorted(
-        {p.name for pattern in _CONFLICTING for p in directory.glob(pattern)}
-        | {n for n in _CONFLICTING_NAMES if (directory / n).exists()}
-    )
-    if clashes:
-        raise ExportError(
-            f"{directory} already holds {', '.join(clashes)}, which from_pretrained would load "
-            "instead of (or on top of) the merged model; remove them or export elsewhere"
-        )
-
-
 def _config(model: nn.Module, plan: _Plan) -> Any:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
@@ -246,16 +235,17 @@ def export_merged(
     dtype: torch.dtype | None = None,
     check_input_ids: torch.Tensor | None = None,
     verbose: bool = True,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Write ``model`` with its adapters merged as a full-precision Hugging Face checkpoint.
 
     ``model`` (a transformers causal LM, possibly quantized and with adapters) is not
     modified. The files are written into a temporary directory and moved into place when
-    complete (see `staged_directory`).
+    complete (see `qlora.files.staged_directory`), with the user's umask.
 
     Args:
         model: the model; needs ``model.config`` (a transformers config).
-        directory: destination; may exist, but not with other weight or adapter files.
+        directory: a new or empty directory (created when missing).
         tokenizer: saved alongside when given (anything with ``save_pretrained``).
         adapter: adapter name(s) to merge; None: the currently active ones.
         dtype: dtype of the written tensors; default: each weight's original dtype.
@@ -263,12 +253,19 @@ def export_merged(
             is loaded back with transformers and `measure_drift` against ``model`` is
             reported (costs a second full-precision copy of the model in memory).
         verbose: print the report line.
+        overwrite: write into a directory that holds other files: replace only the files
+            written here (``config.json``, ``generation_config.json``, ``model.safetensors``,
+            tokenizer files) and keep every other. Refused even so: the directory the base
+            was loaded from (``model.qlora_load_info.directory``, or transformers'
+            ``config._name_or_path``), and one holding weights, adapters or tokenizer files
+            the new files would not replace - they are named, never deleted.
 
     Returns:
         An `ExportReport`.
 
     Raises:
-        ExportError: unknown adapter name, or ``directory`` holds conflicting files.
+        ExportError: unknown adapter name, or not a transformers model.
+        qlora.files.DestinationError: the destination is refused, as above.
     """
     directory = Path(directory)
     if not hasattr(model, "config"):
@@ -276,10 +273,10 @@ def export_merged(
             f"{type(model).__name__} has no .config; export needs a transformers model"
         )
     plan = _plan(model, adapter, dtype)
-    _check_destination(directory)
+    check_model_destination(directory, model, overwrite, "the base model")
     config = _config(model, plan)
     nbytes = sum(int(torch.Size(e.shape).numel()) * e.dtype.itemsize for e in plan.entries)
-    with staged_directory(directory, last=["config.json"]) as staging:
+    with staged_directory(directory, last=["config.json"], stale=MODEL_FILES) as staging:
         write_safetensors(
             staging / WEIGHTS_NAME,
             ((e.name, e.make()) for e in plan.entries),
@@ -299,7 +296,9 @@ def export_merged(
     if check_input_ids is not None:
         from transformers import AutoModelForCausalLM
 
-        merged = AutoModelForCausalLM.from_pretrained(directory, dtype=config.dtype)
+        merged = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=config.dtype, trust_remote_code=False
+        )
         drift = measure_drift(model, merged, check_input_ids)
         del merged
     report = ExportReport(

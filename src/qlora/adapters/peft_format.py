@@ -11,9 +11,13 @@ A directory holds two files:
 * ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` [r, in] and
   ``...lora_B.weight`` [out, r]; no adapter name in the key (PEFT strips it on save).
 
+Saving replaces a previous adapter in the directory (its two files are ours to replace);
+a directory holding anything else is refused unless ``overwrite=True`` (which keeps those
+files), and one holding a full model is always refused.
+
 Loading trusts the *weights* for which layers are adapted (a key names its module exactly)
-and the config for ranks, alphas and dropout. Everything is validated before the model is
-touched, so a bad file leaves the model as it was.
+and the config for ranks, alphas and dropout. Everything is validated (finite values too)
+before the model is touched, so a bad file leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ from qlora.adapters._peft_files import (
     WEIGHTS_NAME,
     AdapterFormatError,
     AdapterNotFoundError,
+    check_finite,
     find_files,
     match_weights,
     parse_config,
     read_weights,
 )
-from qlora.adapters._staging import staged_directory
 from qlora.config import ConfigError, LoraConfig
+from qlora.files import check_destination, staged_directory
+from qlora.models.destination import refuse_model_directory
 from qlora.models.safetensors_io import write_safetensors
 from qlora.nn.inject import add_lora, lora_layers, set_adapter
 from qlora.nn.lora import LoRALinear
@@ -198,11 +204,20 @@ def save_adapter(
     directory: str | os.PathLike,
     adapter: str = "default",
     base_model_name_or_path: str | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write adapter ``adapter`` of ``model`` to ``directory`` in PEFT's layout.
 
     The files are written to a temporary directory first and moved into place only when
-    complete; other files already in ``directory`` are kept (see `staged_directory`).
+    complete (`qlora.files.staged_directory`), with the user's umask.
+
+    Where it writes: a new or empty directory, or one holding only an adapter's two files
+    (a previous save - training saves into ``<output_dir>/adapter`` on every run), which
+    are replaced. A directory with any other file is refused unless ``overwrite``; then
+    only the two adapter files are replaced and the others kept. A directory holding a
+    model (``config.json``, weights) is refused even with ``overwrite``: an adapter beside
+    it would change what ``from_pretrained`` loads from there.
 
     Args:
         model: a model with LoRA layers (from `qlora.add_lora` or `load_adapter`).
@@ -210,11 +225,18 @@ def save_adapter(
         adapter: which adapter to save.
         base_model_name_or_path: recorded in the config for PEFT's ``AutoPeftModel``;
             default: the model's ``config._name_or_path`` or the source it was loaded from.
+        overwrite: write beside other files, as above.
 
     Returns:
         ``Path(directory)``.
+
+    Raises:
+        ValueError: the model has no adapter ``adapter``.
+        qlora.files.DestinationError: the destination is refused, as above.
     """
     config = adapter_config(model, adapter, base_model_name_or_path)
+    refuse_model_directory(directory, "an adapter")
+    check_destination(directory, overwrite=overwrite, ours=(CONFIG_NAME, WEIGHTS_NAME))
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in _layers_with(model, adapter):
         for ab, linear in (("A", layer.lora_A[adapter]), ("B", layer.lora_B[adapter])):
@@ -254,13 +276,15 @@ def load_adapter(
 
     Raises:
         AdapterNotFoundError: the directory or a file is missing.
-        AdapterFormatError: not a plain LoRA config, or weights that do not fit the model
-            (unknown module, wrong shape, missing A or B). The model is left unchanged.
+        AdapterFormatError: not a plain LoRA config, weights that do not fit the model
+            (unknown module, wrong shape, missing A or B), or NaN/inf weights (a corrupt or
+            diverged adapter). The model is left unchanged.
     """
     directory = Path(directory)
     config_path, weights_path = find_files(directory)
     spec = parse_config(config_path)
     pairs = match_weights(model, read_weights(weights_path), spec, weights_path)
+    check_finite(pairs, weights_path)
     existing = {a for _, layer in lora_layers(model) for a in layer.adapter_names}
     name = "default" if name is None else name
     if not name or "." in name:
@@ -281,7 +305,7 @@ def load_adapter(
         raise AdapterFormatError(f"{config_path}: {err}") from None
 
     previous = {n: list(layer.active_adapters) for n, layer in lora_layers(model)}
-    add_lora(model, config, adapter_name=name, verbose=False)
+    add_lora(model, config, adapter_name=name)
     for module, (weight_a, weight_b) in pairs.items():
         layer = model.get_submodule(module)
         r, alpha = spec.rank_alpha(module)

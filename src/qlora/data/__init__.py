@@ -35,7 +35,15 @@ from qlora.data.packing import (
     packed_position_ids,
     packing_efficiency,
 )
-from qlora.data.records import DataError, RecordSet, detect_format, read_records, validate_record
+from qlora.data.prompt import prompt_ids, text_ids
+from qlora.data.records import (
+    DataError,
+    RecordSet,
+    detect_format,
+    has_empty_response,
+    read_records,
+    validate_record,
+)
 from qlora.data.render import (
     PLAIN_TEMPLATE,
     Segment,
@@ -77,6 +85,7 @@ __all__ = [
     "exact_match",
     "generate_answers",
     "has_chat_template",
+    "has_empty_response",
     "length_grouped_batches",
     "load_data",
     "make_task_dataset",
@@ -84,6 +93,7 @@ __all__ = [
     "packed_position_ids",
     "packing_efficiency",
     "pad_id_of",
+    "prompt_ids",
     "read_records",
     "record_messages",
     "render",
@@ -91,6 +101,7 @@ __all__ = [
     "score",
     "segments",
     "split_eval",
+    "text_ids",
     "validate_record",
     "write_jsonl",
 ]

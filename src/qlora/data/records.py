@@ -10,9 +10,15 @@ Formats (detected per file from the first record's keys unless given):
 
 * ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str}``
 * ``chat``: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``
-  with at least one assistant turn, every assistant turn non-empty and after a user turn; a
-  system message may only come first.
+  with at least one assistant turn, every assistant turn after a user turn; a system message
+  may only come first.
 * ``text``: ``{"text": str}`` (continued pre-training: every token is a label).
+
+An empty (or blank) response - an alpaca ``output`` or an assistant turn - is a valid example,
+not a bad record: real data sets have them (Alpaca does), and "say nothing" is something to
+learn. Its label is the end of the response (the template's end-of-turn / the EOS token), so
+it still has one labelled token. Such records are counted (`RecordSet.n_empty_responses`) and
+the count is shown in the summary.
 
 Extra keys (ids, metadata) are allowed and ignored: real data sets carry them.
 """
@@ -33,6 +39,7 @@ __all__ = [
     "Format",
     "RecordSet",
     "detect_format",
+    "has_empty_response",
     "read_records",
     "validate_record",
 ]
@@ -72,9 +79,16 @@ class RecordSet:
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def n_empty_responses(self) -> int:
+        """Records with an empty or blank response (valid; worth knowing about)."""
+        return sum(has_empty_response(record, self.format) for record in self.records)
+
     def summary(self) -> str:
         """One line for logs: how many records, which format, how many skipped."""
         line = f"{self.path}: {len(self.records)} {self.format} records"
+        if empty := self.n_empty_responses:
+            line += f" ({empty} with an empty response)"
         if self.n_skipped:
             line += f", {self.n_skipped} bad records skipped (first: {self.skipped[0]})"
         return line
@@ -84,14 +98,26 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
+def has_empty_response(record: dict[str, Any], fmt: Format) -> bool:
+    """Whether a valid ``fmt`` record has an empty or blank response (alpaca ``output`` or
+    any assistant turn); text records have none."""
+    if fmt == "alpaca":
+        return not record["output"].strip()
+    if fmt == "chat":
+        return any(
+            m["role"] == "assistant" and not m["content"].strip() for m in record["messages"]
+        )
+    return False
+
+
 def _check_alpaca(record: dict[str, Any]) -> str | None:
     for key in ("instruction", "output"):
         if key not in record:
             return f"alpaca record is missing key {key!r}"
         if not isinstance(record[key], str):
             return f"alpaca {key!r} must be a string, got {type(record[key]).__name__}"
-        if not record[key].strip():
-            return f"alpaca {key!r} is empty"
+    if not record["instruction"].strip():  # an empty output is valid: "say nothing"
+        return "alpaca 'instruction' is empty"
     extra = record.get("input")
     if extra is not None and not isinstance(extra, str):
         return f"alpaca 'input' must be a string, got {type(extra).__name__}"
@@ -126,9 +152,7 @@ def _check_chat(record: dict[str, Any]) -> str | None:
         if role == "assistant":
             if not any(m.get("role") == "user" for m in messages[:i] if isinstance(m, dict)):
                 return f"messages[{i}] is an assistant turn before any user turn"
-            if not content.strip():
-                return f"messages[{i}] is an empty assistant response"
-            has_assistant = True
+            has_assistant = True  # empty content too: its end-of-turn is the label
     if not has_assistant:
         return "chat record has no assistant turn (nothing to learn)"
     return None

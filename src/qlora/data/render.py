@@ -111,7 +111,8 @@ def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool 
 def render_prompt(tokenizer: Any, messages: list[Message]) -> str:
     """The generation prompt for ``messages`` (everything before the assistant's answer).
 
-    Use it at inference so that prompts match the ``prompt`` segments trained on.
+    The text; for the token ids a model is given, use `qlora.data.prompt.prompt_ids`, which
+    tokenizes exactly as training did (segment by segment, EOS after earlier replies).
     """
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]

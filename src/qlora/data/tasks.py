@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,10 @@ import torch
 
 from qlora.data.batching import pad_id_of
 from qlora.data.encode import eos_id
+from qlora.data.prompt import prompt_ids
 from qlora.data.records import DataError, detect_format
-from qlora.data.render import record_messages, render_prompt
+from qlora.data.render import record_messages
+from qlora.files import atomic_open
 
 __all__ = [
     "INSTRUCTION",
@@ -108,18 +109,12 @@ def make_task_dataset(
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write records as JSONL atomically (a temp file in the same folder, then a rename)."""
+    """Write records as JSONL atomically (`qlora.files.atomic_open`); parents are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
 
@@ -154,8 +149,8 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers to the prompts of alpaca or chat records (their answers are ignored).
 
-    Prompts are rendered exactly as in training (`render_prompt`: the chat template's
-    generation prompt), left-padded so every row's last prompt token sits at the end, and
+    Prompts are the ids training put before each answer (`qlora.data.prompt.prompt_ids`),
+    left-padded so every row's last prompt token sits at the end, and
     continued greedily until EOS or ``max_new_tokens``.
 
     Returns:
@@ -172,8 +167,7 @@ def generate_answers(
             prompts = []
             for record in chunk:
                 messages = record_messages(record, _format_of(record))
-                text = render_prompt(tokenizer, messages)
-                prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+                prompts.append(prompt_ids(tokenizer, messages))
             width = max(len(p) for p in prompts)
             input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
             mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -150,7 +150,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from qlora.memory.shapes import _DTYPE_BYTES, Attention, ComputeDtype, Device, Method, ModelShape
+from qlora.dtypes import dtype_bytes
+from qlora.memory.shapes import Attention, ComputeDtype, Device, Method, ModelShape
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ def _make_run(
         lora=lora,
         rank=rank,
         dropout=lora and lora_dropout > 0,
-        p=_DTYPE_BYTES[compute_dtype],
+        p=dtype_bytes(compute_dtype),
         a=adapter_bytes,
         # CUDA's fused dropout keeps a bool mask; the CPU fallback a noise tensor of the
         # (float32, adapter-dtype) input's dtype.
@@ -262,9 +263,9 @@ def _make_run(
 
 
 def _fused_available() -> bool:
-    from qlora.nn.dropout import ops_kernel
+    from qlora.kernels import c_extension
 
-    return ops_kernel() is not None
+    return c_extension("ops") is not None
 
 
 def _linear_input(

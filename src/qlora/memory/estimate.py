@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qlora.config import ConfigError, LoraConfig
+from qlora.dtypes import DTYPE_NAMES, dtype_name
 from qlora.memory.activations import _layer, _make_run, _sum
 from qlora.memory.shapes import (
     METHODS,
@@ -279,7 +280,6 @@ def _module_defaults(model: nn.Module) -> tuple[str, str, str]:
     """(compute dtype, device, attention implementation) a module will train with."""
     from qlora.nn.qlinear import QuantLinear
 
-    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     dtype = None
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -291,10 +291,180 @@ def _module_defaults(model: nn.Module) -> tuple[str, str, str]:
     device = "cuda" if tensors and tensors[0].device.type == "cuda" else "cpu"
     config = getattr(model, "config", None)
     attention = getattr(config, "_attn_implementation", None) or "sdpa"
-    return names.get(dtype, "float32"), device, "eager" if attention == "eager" else "sdpa"
+    name = dtype_name(dtype) if str(dtype).removeprefix("torch.") in DTYPE_NAMES else "float32"
+    return name, device, "eager" if attention == "eager" else "sdpa"
 
 
-# -- the estimate --------------------------------------------------------------------------
+# -- the estimate: inputs, settings, parameter memory, activation peak -----------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The resolved run settings: given ones, else the module's own, else the defaults."""
+
+    rank: int
+    lora_dropout: float
+    compute_dtype: str
+    device: str
+    attention: str
+
+
+def _check_inputs(method: str, optimizer: str, batch: int, seq_len: int) -> None:
+    _choice("method", method, METHODS)
+    _choice("optimizer", optimizer, OPTIMIZERS)
+    _positive("batch", batch)
+    _positive("seq_len", seq_len)
+
+
+def _inventory(
+    model: str | os.PathLike[str] | ModelShape | nn.Module,
+    shape: ModelShape,
+    method: str,
+    rank: int,
+    lora_dropout: float,
+    compute_dtype: str | None,
+    device: str | None,
+    attention: str | None,
+) -> tuple[_Params, _Settings]:
+    """Parameter inventory and settings: a module's own adapters, dtype, device and attention
+    win over the defaults (bfloat16 on CUDA, float32 on the CPU, sdpa)."""
+    if isinstance(model, nn.Module):
+        params, found_rank, found_dropout = _module_params(model, method, rank)
+        rank = found_rank
+        lora_dropout = found_dropout if found_dropout >= 0 else lora_dropout
+        module_dtype, module_device, module_attention = _module_defaults(model)
+        compute_dtype = compute_dtype or module_dtype
+        device = device or module_device
+        attention = attention or module_attention
+    else:
+        params = _shape_params(shape, method, rank)
+        device = device or "cuda"
+        compute_dtype = compute_dtype or ("bfloat16" if device == "cuda" else "float32")
+        attention = attention or "sdpa"
+    _choice("device", device, typing.get_args(Device))
+    _choice("compute_dtype", compute_dtype, typing.get_args(ComputeDtype))
+    _choice("attention", attention, typing.get_args(Attention))
+    return params, _Settings(rank, lora_dropout, compute_dtype, device, attention)
+
+
+@dataclass(frozen=True)
+class _ParameterMemory:
+    """§7: adapters, gradients and optimizer states (the paged part off the device)."""
+
+    adapters: int
+    gradients: int
+    optimizer_states: int
+    offloaded: int
+    notes: tuple[str, ...]
+
+
+def _parameter_memory(
+    params: _Params, method: str, optimizer: str, device: str
+) -> _ParameterMemory:
+    lora = not method.startswith("full")
+    adapters = math.ceil(params.trainable * params.trainable_dtype_bytes) if lora else 0
+    gradients = math.ceil(params.trainable * params.trainable_dtype_bytes)
+    if optimizer == "adamw":
+        states = math.ceil(2 * params.trainable * params.trainable_dtype_bytes)
+    elif optimizer == "paged_adamw":  # qlora.optim keeps float32 moments for any dtype
+        states = 8 * params.trainable
+    elif optimizer.endswith("adamw8bit"):
+        states = math.ceil(2 * params.trainable * (1 + 4 / _OPTIM8_BLOCK))
+    else:
+        states = 0
+    if not optimizer.startswith("paged_"):
+        return _ParameterMemory(adapters, gradients, states, 0, ())
+    # qlora.optim pages the states through one page (CPU: a memory-mapped file) or two
+    # (CUDA: double-buffered from pinned host memory) of _PAGE bytes.
+    resident = min(states, (2 if device == "cuda" else 1) * _PAGE)
+    offloaded = states - resident
+    where = "pinned host memory" if device == "cuda" else "a memory-mapped file on disk"
+    note = (
+        f"{optimizer}: {offloaded / GiB:.3g} GiB of optimizer states live in {where}, "
+        f"paged in {_PAGE >> 20} MiB at a time: not in the total"
+    )
+    return _ParameterMemory(adapters, gradients, resident, offloaded, (note,))
+
+
+@dataclass(frozen=True)
+class _Peak:
+    """§2-§6: the larger of the two candidate peaks, split into the estimate's terms."""
+
+    activations: int
+    logits: int
+    overhead: int
+    phase: str
+    saved_for_backward: int
+
+
+def _loss_memory(
+    shape: ModelShape, run: Any, chunked_loss: bool, loss_chunk_tokens: int
+) -> tuple[int, int]:
+    """(bytes the loss saves for backward, bytes alive at the loss's own peak)."""
+    t = run.tokens
+    if chunked_loss:
+        chunk = min(t, loss_chunk_tokens)
+        saved = t * shape.hidden * run.p  # the final hidden state, kept for recomputation
+        return saved, saved + 3 * chunk * shape.vocab * 4
+    saved = t * shape.vocab * 4 + 8 * t  # log_softmax output, targets
+    return saved, 3 * t * shape.vocab * 4 + 8 * t
+
+
+def _activation_peak(
+    shape: ModelShape,
+    run: Any,
+    seq_len: int,
+    grad_ckpt: bool,
+    chunked_loss: bool,
+    loss_chunk_tokens: int,
+) -> _Peak:
+    p, t, lora = run.p, run.tokens, run.lora
+    layer = _sum(_layer(shape, run, input_requires_grad=True).items)
+    # Without checkpointing, the first layer's input (a frozen embedding's output) needs no
+    # gradient under LoRA; with it, transformers makes the embedding output require grad.
+    first_needs_grad = (not lora) or grad_ckpt
+    first = _sum(_layer(shape, run, input_requires_grad=first_needs_grad).items)
+    rope = 2 * seq_len * shape.d * p  # cos, sin: shared by all layers
+    final_norm = t * shape.hidden * 4 + t * 4
+    model_saved = rope + final_norm
+    if not lora:
+        ids = 8 * t  # the embedding saves the token ids
+        model_saved += ids + 2 * t * shape.hidden * p  # final norm's normed + lm_head input
+    loss_saved, loss_peak = _loss_memory(shape, run, chunked_loss, loss_chunk_tokens)
+    # Backward working memory of one layer: the incoming gradient [T, h] and the two
+    # gradients of down_proj's input (base path in the compute dtype, adapter path in the
+    # adapter dtype) before they are summed.
+    workspace = t * shape.hidden * p + t * shape.intermediate * (p + (run.a if lora else p))
+
+    if grad_ckpt:
+        kept = shape.layers * t * shape.hidden * p
+        recompute = layer - (t * shape.hidden * 4 if p == 4 else 0)
+        loss_phase = (kept + model_saved, loss_peak, 0)
+        layer_phase = (kept + rope + recompute, 0, workspace)
+        saved_total = kept + model_saved + loss_saved
+    else:
+        stack = first + (shape.layers - 1) * layer
+        loss_phase = (stack + model_saved, loss_peak, 0)
+        layer_phase = (stack + rope, 0, workspace)
+        saved_total = stack + model_saved + loss_saved
+    if sum(loss_phase) >= sum(layer_phase):
+        phase = "loss backward (logits, log-softmax and their gradients)"
+        return _Peak(*loss_phase, phase, saved_total)
+    phase = "a decoder layer's backward" + (" (recomputed)" if grad_ckpt else "")
+    return _Peak(*layer_phase, phase, saved_total)
+
+
+def _context_notes(shape: ModelShape, device: str) -> list[str]:
+    notes = []
+    if shape.is_moe:
+        notes.append("MoE activations are derived, not measured (experts as separate MLPs)")
+    if device == "cpu":
+        notes.append(
+            "CPU: live tensor memory; qlora.train pins glibc's mmap threshold "
+            "(train.malloc_mmap_kb) so RSS follows it - other loops on glibc's default malloc "
+            "can see 1.4-2.7x this (docs/memory.md)"
+        )
+    return notes
 
 
 def estimate(
@@ -320,15 +490,18 @@ def estimate(
             `SIZES`), a path to a ``config.json`` or a model directory, a `ModelShape`, or
             a loaded ``nn.Module`` (its real parameters and buffers are counted, QuantLinear's
             packed weights included; adapters already in it are taken as they are).
-        method: "full-amp", "full-16", "lora-16", "qlora-8", "qlora-4" or "qlora-2".
-        batch, seq_len: sequences per step and tokens per sequence.
-        rank: LoRA rank (default `LoraConfig`'s); ignored for full fine-tuning.
-        optimizer: "adamw", "adamw8bit", "sgd", "paged_adamw" or "paged_adamw8bit".
+        method: what is trained and how the base is stored: full fine-tuning (mixed
+            precision or 16-bit), LoRA on a 16-bit base, or QLoRA on an 8-, 4- or 2-bit base.
+        batch: sequences per step.
+        seq_len: tokens per sequence.
+        rank: LoRA rank (None: `LoraConfig`'s); ignored for full fine-tuning.
+        optimizer: one of the trainer's optimizers (``train.optim``), or "sgd" (no state:
+            the floor the others are compared with).
         grad_ckpt: gradient checkpointing of every decoder layer.
         compute_dtype: dtype of the activations; default bfloat16 on CUDA, float32 on the
             CPU (for a module: its QuantLinear compute dtype, else its parameters' dtype).
-        device: "cuda" or "cpu" (dropout masks differ; paged states only page off CUDA);
-            default "cuda", or where the module's parameters are.
+        device: where the step runs (dropout masks differ; paged states only page off
+            CUDA); default cuda, or where the module's parameters are.
         chunked_loss: the loss never forms full [T, V] float32 logits (our trainer); False
             for transformers' ``model(ids, labels=...)`` loss.
         lora_dropout: adapter dropout (default `LoraConfig`'s; for a module with adapters,
@@ -344,135 +517,49 @@ def estimate(
         ConfigError: an unknown size, method, optimizer or dtype, a missing config.json, or
             a non-positive batch/seq_len/rank; the message lists the valid choices.
     """
-    _choice("method", method, METHODS)
-    _choice("optimizer", optimizer, OPTIMIZERS)
-    _positive("batch", batch)
-    _positive("seq_len", seq_len)
+    _check_inputs(method, optimizer, batch, seq_len)
     defaults = LoraConfig()
     rank = defaults.r if rank is None else _positive("rank", rank)
-    lora_dropout = defaults.dropout if lora_dropout is None else float(lora_dropout)
+    dropout = defaults.dropout if lora_dropout is None else float(lora_dropout)
     shape = model_shape(model)
-    notes: list[str] = []
-
-    if isinstance(model, nn.Module):
-        params, found_rank, found_dropout = _module_params(model, method, rank)
-        rank = found_rank
-        lora_dropout = found_dropout if found_dropout >= 0 else lora_dropout
-        module_dtype, module_device, module_attention = _module_defaults(model)
-        compute_dtype = compute_dtype or module_dtype  # type: ignore[assignment]
-        device = device or module_device  # type: ignore[assignment]
-        attention = attention or module_attention  # type: ignore[assignment]
-        name = shape.name
-    else:
-        params = _shape_params(shape, method, rank)
-        device = device or "cuda"
-        compute_dtype = compute_dtype or ("bfloat16" if device == "cuda" else "float32")
-        attention = attention or "sdpa"
-        name = shape.name
-    _choice("device", device, typing.get_args(Device))
-    _choice("compute_dtype", compute_dtype, typing.get_args(ComputeDtype))
-    _choice("attention", attention, typing.get_args(Attention))
-    notes += params.notes
-    assert device is not None and compute_dtype is not None and attention is not None
-
-    # Parameters, gradients, optimizer states (§7).
-    lora = not method.startswith("full")
-    adapters = math.ceil(params.trainable * params.trainable_dtype_bytes) if lora else 0
-    gradients = math.ceil(params.trainable * params.trainable_dtype_bytes)
-    if optimizer == "adamw":
-        states = math.ceil(2 * params.trainable * params.trainable_dtype_bytes)
-    elif optimizer == "paged_adamw":  # qlora.optim keeps float32 moments for any dtype
-        states = 8 * params.trainable
-    elif optimizer.endswith("adamw8bit"):
-        states = math.ceil(2 * params.trainable * (1 + 4 / _OPTIM8_BLOCK))
-    else:
-        states = 0
-    offloaded = 0
-    if optimizer.startswith("paged_"):
-        # qlora.optim pages the states through one page (CPU: a memory-mapped file) or two
-        # (CUDA: double-buffered from pinned host memory) of _PAGE bytes.
-        resident = min(states, (2 if device == "cuda" else 1) * _PAGE)
-        offloaded, states = states - resident, resident
-        where = "pinned host memory" if device == "cuda" else "a memory-mapped file on disk"
-        notes.append(
-            f"{optimizer}: {offloaded / GiB:.3g} GiB of optimizer states live in {where}, "
-            f"paged in {_PAGE >> 20} MiB at a time: not in the total"
-        )
-
-    # Activations, logits, backward working memory (§2-§6).
-    run = _make_run(batch, seq_len, method, rank, lora_dropout, compute_dtype, device, attention)
-    p, t = run.p, run.tokens
-    layer = _sum(_layer(shape, run, input_requires_grad=True).items)
-    # Without checkpointing, the first layer's input (a frozen embedding's output) needs no
-    # gradient under LoRA; with it, transformers makes the embedding output require grad.
-    first_needs_grad = (not lora) or grad_ckpt
-    first = _sum(_layer(shape, run, input_requires_grad=first_needs_grad).items)
-    rope = 2 * seq_len * shape.d * p  # cos, sin: shared by all layers
-    final_norm = t * shape.hidden * 4 + t * 4
-    model_saved = rope + final_norm
-    if not lora:
-        ids = 8 * t  # the embedding saves the token ids
-        model_saved += ids + 2 * t * shape.hidden * p  # final norm's normed + lm_head input
-    if chunked_loss:
-        chunk = min(t, loss_chunk_tokens)
-        loss_saved = t * shape.hidden * p  # the final hidden state, kept for recomputation
-        loss_peak = loss_saved + 3 * chunk * shape.vocab * 4
-    else:
-        loss_saved = t * shape.vocab * 4 + 8 * t  # log_softmax output, targets
-        loss_peak = 3 * t * shape.vocab * 4 + 8 * t
-    # Backward working memory of one layer: the incoming gradient [T, h] and the two
-    # gradients of down_proj's input (base path in the compute dtype, adapter path in the
-    # adapter dtype) before they are summed.
-    workspace = t * shape.hidden * p + t * shape.intermediate * (p + (run.a if lora else p))
-
-    if grad_ckpt:
-        kept = shape.layers * t * shape.hidden * p
-        recompute = layer - (t * shape.hidden * 4 if p == 4 else 0)
-        loss_phase = (kept + model_saved, loss_peak, 0)
-        layer_phase = (kept + rope + recompute, 0, workspace)
-        saved_total = kept + model_saved + loss_saved
-    else:
-        stack = first + (shape.layers - 1) * layer
-        loss_phase = (stack + model_saved, loss_peak, 0)
-        layer_phase = (stack + rope, 0, workspace)
-        saved_total = stack + model_saved + loss_saved
-    if sum(loss_phase) >= sum(layer_phase):
-        activations, logits, overhead = loss_phase
-        phase = "loss backward (logits, log-softmax and their gradients)"
-    else:
-        activations, logits, overhead = layer_phase
-        phase = "a decoder layer's backward" + (" (recomputed)" if grad_ckpt else "")
-    if shape.is_moe:
-        notes.append("MoE activations are derived, not measured (experts as separate MLPs)")
-    if device == "cpu":
-        notes.append(
-            "CPU: live tensor memory; qlora.train pins glibc's mmap threshold "
-            "(train.malloc_mmap_kb) so RSS follows it - other loops on glibc's default malloc "
-            "can see 1.4-2.7x this (docs/memory.md)"
-        )
-
+    params, settings = _inventory(
+        model, shape, method, rank, dropout, compute_dtype, device, attention
+    )
+    memory = _parameter_memory(params, method, optimizer, settings.device)
+    run = _make_run(
+        batch,
+        seq_len,
+        method,
+        settings.rank,
+        settings.lora_dropout,
+        settings.compute_dtype,
+        settings.device,
+        settings.attention,
+    )
+    peak = _activation_peak(shape, run, seq_len, grad_ckpt, chunked_loss, loss_chunk_tokens)
+    notes = [*params.notes, *memory.notes, *_context_notes(shape, settings.device)]
     return MemoryEstimate(
-        model=name,
+        model=shape.name,
         method=method,
         batch=batch,
         seq_len=seq_len,
-        rank=rank,
+        rank=settings.rank,
         optimizer=optimizer,
         grad_ckpt=grad_ckpt,
-        compute_dtype=compute_dtype,
-        device=device,
+        compute_dtype=settings.compute_dtype,  # type: ignore[arg-type]
+        device=settings.device,  # type: ignore[arg-type]
         chunked_loss=chunked_loss,
         params=params.total,
         trainable_params=params.trainable,
         weights=params.frozen_bytes,
-        adapters=adapters,
-        gradients=gradients,
-        optimizer_states=states,
-        activations=activations,
-        logits=logits,
-        overhead=overhead,
-        offloaded=offloaded,
-        peak_phase=phase,
-        saved_for_backward=saved_total,
+        adapters=memory.adapters,
+        gradients=memory.gradients,
+        optimizer_states=memory.optimizer_states,
+        activations=peak.activations,
+        logits=peak.logits,
+        overhead=peak.overhead,
+        offloaded=memory.offloaded,
+        peak_phase=peak.phase,
+        saved_for_backward=peak.saved_for_backward,
         notes=tuple(notes),
     )

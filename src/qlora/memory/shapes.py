@@ -16,17 +16,20 @@ from typing import Any, Literal
 from torch import nn
 
 from qlora.config import ConfigError
+from qlora.dtypes import DtypeName
+from qlora.optim.build import OptimizerName
 
 Method = Literal["full-amp", "full-16", "lora-16", "qlora-8", "qlora-4", "qlora-2"]
-Optimizer = Literal["adamw", "adamw8bit", "sgd", "paged_adamw", "paged_adamw8bit"]
-ComputeDtype = Literal["float32", "bfloat16", "float16"]
+# The trainer's optimizers (qlora.optim owns the names), plus plain SGD, which the trainer
+# does not offer: it keeps no state, so its estimate is the lower bound of the optimizer term
+# that the others are compared with.
+Optimizer = Literal[OptimizerName, "sgd"]
+ComputeDtype = DtypeName
 Device = Literal["cuda", "cpu"]
 Attention = Literal["sdpa", "eager"]
 
 METHODS: tuple[str, ...] = typing.get_args(Method)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
-
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)

@@ -8,25 +8,28 @@ nf4/fp4 models are written exactly as transformers + bitsandbytes write a 4-bit 
 does `qlora.load_model` (byte for byte, nothing re-quantized). int8 and nf2, which
 bitsandbytes does not have, use the same layout under ``quant_method: qlora``; only qlora
 loads those.
+
+Where it writes: a new or empty directory; an existing one with other files only with
+``overwrite=True``, and then only the files written here are replaced. Never the directory
+the model was loaded from (`qlora.models.destination`).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from qlora.files import staged_directory
+from qlora.models.destination import MODEL_FILES, check_model_destination
 from qlora.models.safetensors_io import write_safetensors
 from qlora.nn.qlinear import QuantLinear
+from qlora.quant.codebooks import BNB_KINDS
 
 __all__ = ["save_quantized"]
-
-_BNB_KINDS = ("nf4", "fp4")
 
 
 def _quantization_config(layers: list[tuple[str, QuantLinear]], model: nn.Module) -> dict:
@@ -45,8 +48,8 @@ def _quantization_config(layers: list[tuple[str, QuantLinear]], model: nn.Module
     )
     compute = str(layers[0][1].compute_dtype).removeprefix("torch.")
     return {
-        "quant_method": "bitsandbytes" if kind in _BNB_KINDS else "qlora",
-        "load_in_4bit": kind in _BNB_KINDS,
+        "quant_method": "bitsandbytes" if kind in BNB_KINDS else "qlora",
+        "load_in_4bit": kind in BNB_KINDS,
         "load_in_8bit": False,
         "bnb_4bit_quant_type": kind,
         "bnb_4bit_use_double_quant": double_quant,
@@ -56,41 +59,61 @@ def _quantization_config(layers: list[tuple[str, QuantLinear]], model: nn.Module
     }
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """Write ``model`` (with QuantLinear layers) and ``tokenizer`` to ``directory`` atomically.
+def save_quantized(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (with QuantLinear layers) and ``tokenizer`` to ``directory``.
+
+    The files are written into a temporary directory and moved into place only when all
+    are complete (`qlora.files.staged_directory`), with the user's umask.
+
+    Args:
+        model: a model with `QuantLinear` layers (``load_model(..., quant="nf4")``).
+        directory: a new or empty directory (created when missing).
+        tokenizer: saved alongside when given.
+        overwrite: write into a directory that holds other files: replace only the files
+            written here (``config.json``, ``generation_config.json``, ``model.safetensors``,
+            tokenizer files) and keep every other. Refused even so: the directory the model
+            was loaded from, and one holding weights, adapters or tokenizer files that the
+            new files would not replace (old shards, say) - they are named, never deleted.
 
     Returns:
-        The directory. It is written into a temporary sibling and renamed into place, so an
-        existing directory is replaced only once the new one is complete.
+        The directory.
+
+    Raises:
+        ValueError: the model has no quantized layers.
+        qlora.files.DestinationError: the destination is refused, as above.
     """
     directory = Path(directory)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not layers:
         raise ValueError("the model has no quantized layers: load it with quant='nf4' (or fp4...)")
+    check_model_destination(directory, model, overwrite)
     config = model.config.to_dict()
     config["quantization_config"] = _quantization_config(layers, model)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        type(model.config).from_dict(config).save_pretrained(tmp)
+    with staged_directory(directory, last=["config.json"], stale=MODEL_FILES) as staging:
+        type(model.config).from_dict(config).save_pretrained(staging)
         generation = getattr(model, "generation_config", None)
         if generation is not None:
-            generation.save_pretrained(tmp)
-        seen: set[int] = set()
-        tensors: dict[str, torch.Tensor] = {}
-        for name, tensor in model.state_dict().items():
-            ptr = tensor.untyped_storage().data_ptr()
-            if ptr in seen and tensor.numel() > 1 and name.endswith(".weight"):
-                continue  # a tied alias: transformers re-ties it from config on load
-            seen.add(ptr)
-            tensors[name] = tensor.detach().contiguous().cpu()
-        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
+            generation.save_pretrained(staging)
+        write_safetensors(staging / "model.safetensors", _tensors(model), {"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            tokenizer.save_pretrained(staging)
     return directory
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict, each tied alias once (transformers re-ties it from config on load)."""
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen and tensor.numel() > 1 and name.endswith(".weight"):
+            continue
+        seen.add(ptr)
+        tensors[name] = tensor.detach().contiguous().cpu()
+    return tensors

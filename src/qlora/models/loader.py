@@ -13,40 +13,55 @@ The full-precision model is never materialized:
    sharing the embedding) stay tied; non-persistent buffers that cannot come from the
    checkpoint (rotary ``inv_freq``) are recomputed by building their module again.
 
+In code, `load_model` runs named stages: `_plan` (arguments and config dataclasses -> one
+resolved `_Plan`), `resolve_checkpoint` / `_load_config` / `_shards` (files),
+`_reconcile_prequantized`, `_skeleton` (meta model), `_Stream.read` (step 2),
+`_install_quantized` (step 3) and `_check_complete`.
+
 Checkpoints saved pre-quantized by bitsandbytes (``Linear4bit`` keys: ``weight``,
 ``weight.absmax``, ``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.*``) load
 into `QuantLinear` without re-quantizing, byte for byte.
+
+Safety: a model folder's own Python (``auto_map`` in ``config.json``) never runs unless the
+caller passes ``trust_remote_code=True`` on purpose; transformers is always told so
+explicitly, because left to itself it asks on stdin, and a piped "y" would run the code.
+Every floating-point tensor is checked for NaN/inf as it streams in: quantizing NaN gives
+garbage block scales, and the failure would only show much later as a diverging loss.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
+import math
 import os
 import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qlora.config import TargetModules
-from qlora.models.registry import ModelLoadError, gguf_to_hf, registered_path
+from qlora.config import ModelConfig, QuantConfig, TargetModules
+from qlora.devices import DeviceError, resolve_device
+from qlora.dtypes import torch_dtype
+from qlora.models.registry import DEFAULT_MODEL, ModelLoadError, gguf_to_hf, registered_path
 from qlora.models.safetensors_io import SafetensorsError, SafetensorsReader
-from qlora.nn.inject import _replace, find_targets
+from qlora.nn.inject import find_targets, replace_module
 from qlora.nn.qlinear import QuantLinear
+from qlora.procinfo import rss_bytes
 from qlora.quant.blockwise import quantize
+from qlora.quant.codebooks import QuantKind
 from qlora.quant.dequant import dequantize
 from qlora.quant.state import QuantState
 
 __all__ = ["LoadInfo", "load_model", "resolve_checkpoint"]
 
-QuantKind = Literal["nf4", "fp4", "int8", "nf2"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -75,9 +90,7 @@ def _as_dtype(value: torch.dtype | str | None, default: torch.dtype) -> torch.dt
         return default
     if isinstance(value, torch.dtype):
         return value
-    if value not in _DTYPES:
-        raise ValueError(f"unknown dtype {value!r}; choose one of {', '.join(_DTYPES)}")
-    return _DTYPES[value]
+    return torch_dtype(value)
 
 
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
@@ -140,7 +153,29 @@ def _shards(directory: Path) -> list[Path]:
     raise ModelLoadError(f"{directory}: no model.safetensors or shard index{hint}")
 
 
-def _load_config(directory: Path) -> Any:
+def _custom_code_error(directory: Path, filename: str, auto_map: dict[str, Any]) -> ModelLoadError:
+    modules = sorted(
+        {str(ref).split("--")[-1].rsplit(".", 1)[0] + ".py" for ref in auto_map.values()}
+    )
+    return ModelLoadError(
+        f"{directory}: {filename} maps {', '.join(sorted(auto_map))} to the model's own Python "
+        f"code ({', '.join(modules)}): it needs custom code, which qlora does not run; pass "
+        "trust_remote_code=True (model.trust_remote_code: true) only after reading that code"
+    )
+
+
+def _auto_map(path: Path) -> dict[str, Any]:
+    """The ``auto_map`` of a JSON file (a model's pointer to its own code), {} when none."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
+    return auto_map if isinstance(auto_map, dict) else {}
+
+
+def _load_config(directory: Path, trust_remote_code: bool = False) -> Any:
+    """The architecture config; refuses custom code unless ``trust_remote_code``."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -148,9 +183,12 @@ def _load_config(directory: Path) -> Any:
         raw = json.loads((directory / "config.json").read_text())
     except ValueError as err:
         raise ModelLoadError(f"{directory / 'config.json'}: not valid JSON ({err})") from None
+    auto_map = _auto_map(directory / "config.json")
+    if auto_map and not trust_remote_code:
+        raise _custom_code_error(directory, "config.json", auto_map)
     model_type = raw.get("model_type")
     try:
-        config = AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as err:
         import transformers
 
@@ -159,7 +197,8 @@ def _load_config(directory: Path) -> Any:
             f"(transformers {transformers.__version__} does not know it; upgrade transformers "
             f"or check the file): {str(err).splitlines()[0]}"
         ) from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    custom_causal_lm = trust_remote_code and "AutoModelForCausalLM" in auto_map
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not custom_causal_lm:
         raise ModelLoadError(
             f"{directory}: model_type={config.model_type!r} is not a decoder-only causal LM "
             "architecture (no AutoModelForCausalLM class); qlora fine-tunes causal LMs"
@@ -200,7 +239,7 @@ def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
             )
         with torch.device(device):
             fresh = type(module)(config=module.config)
-        _replace(model, name, fresh)
+        replace_module(model, name, fresh)
 
 
 def _is_meta(tensor: torch.Tensor | None) -> bool:
@@ -214,6 +253,33 @@ def check_shape(name: str, expected: torch.Size, got: torch.Size) -> None:
             f"tensor {name!r} has shape {list(got)} in the checkpoint but the architecture "
             f"from config.json expects {list(expected)}; config and weights do not match"
         )
+
+
+def check_finite(tensor: torch.Tensor, name: str, where: Path | str) -> None:
+    """`ModelLoadError` naming ``name`` and its file when ``tensor`` holds NaN or inf.
+
+    One summing pass decides: a NaN or inf anywhere makes the sum non-finite. It allocates
+    nothing and is ~10x faster on CPU than ``torch.isfinite(t).all()`` (which writes a bool
+    mask). Only a non-finite sum - a bad tensor, or finite values whose sum overflowed - is
+    looked at element by element.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    flat = tensor.reshape(-1)  # [numel], a view for the contiguous tensors read from a file
+    if flat.dtype.itemsize == 1:  # float8: no sum kernel everywhere; rare and small
+        flat = flat.float()
+    total = flat.sum(dtype=torch.float32) if flat.dtype.itemsize < 4 else flat.sum()
+    if math.isfinite(float(total)):
+        return
+    nan = int(torch.isnan(flat).sum())
+    inf = int(torch.isinf(flat).sum())
+    if nan == inf == 0:
+        return  # the sum overflowed; every value is finite
+    raise ModelLoadError(
+        f"{where}: tensor {name!r} holds {nan} NaN and {inf} inf value(s) of "
+        f"{flat.numel()}; the checkpoint is corrupt (a diverged run or a broken conversion?): "
+        "re-download or re-export it"
+    )
 
 
 class _Slots:
@@ -290,164 +356,240 @@ def _trim_heap() -> None:
 
 def _rss_mb() -> float:
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return rss_bytes() / 2**20
     except OSError:
         return float("nan")
 
 
-def load_model(
-    source: str | os.PathLike = "smollm2-135m",
-    quant: QuantKind | None = "nf4",
-    *,
-    double_quant: bool = True,
-    blocksize: int = 64,
-    compute_dtype: torch.dtype | str | None = None,
-    dtype: torch.dtype | str | None = None,
-    target_modules: TargetModules = "all-linear",
-    device: str | torch.device = "cpu",
-    tokenizer: bool = True,
-    progress: bool = True,
-) -> tuple[nn.Module, Any]:
-    """Load a causal LM, quantizing its Linear layers while the tensors stream in.
+@dataclass(frozen=True)
+class _Plan:
+    """What `load_model` was asked for, every default resolved (the stages read only this)."""
 
-    Args:
-        source: a Hugging Face directory (``model.safetensors`` or a sharded index), a
-            directory saved pre-quantized by bitsandbytes, a ``.gguf`` file, or a registered
-            name (default ``smollm2-135m``).
-        quant: ``"nf4"``, ``"fp4"``, ``"int8"``, ``"nf2"`` or None (full precision).
-        double_quant: quantize the block scales too (QLoRA's double quantization).
-        blocksize: elements per quantization block.
-        compute_dtype: dtype the quantized weights are dequantized to for matmuls
-            (default: ``dtype``).
-        dtype: dtype of everything kept in full precision - embeddings, norms, the output
-            head, and the Linear weights when ``quant`` is None. Default float32 on CPU
-            (no fast bf16 there) and bfloat16 on CUDA.
-        target_modules: Linear layers to quantize ("all-linear": all but the output head).
-        device: where the model is built; tensors go there as they are read.
-        tokenizer: also load the tokenizer (returns None in its place when False).
-        progress: show a progress bar.
+    source: str
+    quant: str | None
+    double_quant: bool
+    blocksize: int
+    compute_dtype: torch.dtype
+    dtype: torch.dtype
+    target_modules: TargetModules
+    device: torch.device
+    trust_remote_code: bool
 
-    Returns:
-        ``(model, tokenizer)``; the model is in eval mode with ``model.qlora_load_info``.
 
-    Raises:
-        ModelLoadError: a missing file or shard, a corrupt or truncated safetensors file, an
-            unknown architecture, or weights that do not fit the config; the message names
-            the file or tensor.
-    """
-    start = time.perf_counter()
-    device = torch.device(device)
-    dtype = _as_dtype(dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
-    compute = _as_dtype(compute_dtype, dtype)
-    directory = resolve_checkpoint(source)
-    config = _load_config(directory)
-    shards = _shards(directory)
+# load_model's defaults for what neither a keyword nor a config dataclass sets. A plain
+# source keeps device "cpu" (ModelConfig's own default is "auto").
+_DEFAULTS: dict[str, Any] = {
+    "double_quant": True,
+    "blocksize": 64,
+    "compute_dtype": None,  # -> dtype
+    "dtype": None,  # -> float32 on CPU, bfloat16 on CUDA
+    "target_modules": "all-linear",
+    "device": "cpu",
+    "trust_remote_code": False,
+}
+
+
+def _config_fields(
+    source: str | os.PathLike | ModelConfig, quant: str | QuantConfig | None
+) -> dict[str, Any]:
+    """The settings the config dataclasses carry (None where a plain argument says nothing)."""
+    fields: dict[str, Any] = dict.fromkeys(_DEFAULTS)
+    if isinstance(source, ModelConfig):
+        fields["device"] = source.device
+        fields["dtype"] = None if source.dtype == "auto" else source.dtype
+        fields["trust_remote_code"] = getattr(source, "trust_remote_code", None)
+    if isinstance(quant, QuantConfig):
+        fields["double_quant"] = quant.double_quant
+        fields["blocksize"] = quant.blocksize
+        fields["target_modules"] = quant.target_modules
+        fields["compute_dtype"] = quant.compute_dtype if quant.kind else None
+    return fields
+
+
+def _plan(
+    source: str | os.PathLike | ModelConfig,
+    quant: str | QuantConfig | None,
+    overrides: dict[str, Any],
+) -> _Plan:
+    """Stage 1: arguments -> `_Plan`. A keyword given explicitly (not None) wins over the
+    config dataclass's field, which wins over `_DEFAULTS`."""
+    fields = _config_fields(source, quant)
+    chosen = {
+        key: next((v for v in (overrides[key], fields[key]) if v is not None), default)
+        for key, default in _DEFAULTS.items()
+    }
+    try:
+        device = resolve_device(chosen["device"])
+    except DeviceError as err:
+        raise ModelLoadError(f"device={err}") from None
+    dtype = _as_dtype(chosen["dtype"], torch.float32 if device.type == "cpu" else torch.bfloat16)
+    return _Plan(
+        source=str(source.source if isinstance(source, ModelConfig) else source),
+        quant=quant.kind if isinstance(quant, QuantConfig) else quant,
+        double_quant=bool(chosen["double_quant"]),
+        blocksize=int(chosen["blocksize"]),
+        compute_dtype=_as_dtype(chosen["compute_dtype"], dtype),
+        dtype=dtype,
+        target_modules=chosen["target_modules"],
+        device=device,
+        trust_remote_code=bool(chosen["trust_remote_code"]),
+    )
+
+
+def _reconcile_prequantized(config: Any, plan: _Plan, directory: Path) -> tuple[_Plan, bool]:
+    """Stage 3: a bitsandbytes-saved checkpoint keeps its own codebook; returns the updated
+    plan and whether the checkpoint is pre-quantized."""
     stored = _prequantized(config)
-    if stored is not None:
-        delattr(config, "quantization_config")  # we quantize; transformers must not
-        stored_kind = stored.get("bnb_4bit_quant_type", "nf4")
-        if quant is not None and quant != stored_kind:
-            warnings.warn(
-                f"{directory} is pre-quantized as {stored_kind}; using that instead of "
-                f"quant={quant!r} (pass quant=None to dequantize it to {dtype})",
-                stacklevel=2,
-            )
-            quant = stored_kind
-    info = LoadInfo(str(source), directory, quant, stored is not None, shards=shards)
+    if stored is None:
+        return plan, False
+    delattr(config, "quantization_config")  # we quantize; transformers must not
+    stored_kind = stored.get("bnb_4bit_quant_type", "nf4")
+    if plan.quant is not None and plan.quant != stored_kind:
+        warnings.warn(
+            f"{directory} is pre-quantized as {stored_kind}; using that instead of "
+            f"quant={plan.quant!r} (pass quant=None to dequantize it to {plan.dtype})",
+            stacklevel=3,
+        )
+        plan = dataclasses.replace(plan, quant=stored_kind)
+    return plan, True
 
+
+def _skeleton(config: Any, plan: _Plan) -> nn.Module:
+    """Stage 4: the architecture on the meta device (shapes only, no memory)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    targets = set(find_targets(model, target_modules)) if quant or stored else set()
-    slots = _Slots(model)
-    pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # pre-quantized groups
-    states: dict[str, QuantState] = {}
-    unexpected: list[str] = []
+        return AutoModelForCausalLM.from_config(
+            config, dtype=plan.dtype, trust_remote_code=plan.trust_remote_code
+        )
 
-    readers = []
-    try:
-        for shard in shards:
-            try:
-                readers.append(SafetensorsReader(shard))
-            except SafetensorsError as err:
-                raise ModelLoadError(str(err)) from None
-        total = sum(len(r.tensors) for r in readers)
-        label = f"load {directory.name} [{quant or str(dtype).removeprefix('torch.')}]"
-        bar = tqdm(total=total, desc=label, unit="tensor", disable=not progress)
-        for reader in readers:
-            for key in reader.names():
-                module_name, _, leaf = key.partition(".weight.")
-                if leaf:  # bitsandbytes' quantization extras: weight.absmax, weight.quant_map..
-                    name = slots.resolve(module_name + ".weight")
-                    if name is None:
-                        unexpected.append(key)
-                    else:
-                        pending[name.removesuffix(".weight")][key] = reader.get(key).clone()
-                    bar.update()
-                    continue
-                name = slots.resolve(key)
-                if name is None:
-                    unexpected.append(key)
-                    bar.update()
-                    continue
-                view = reader.get(key)
-                owner = name.rpartition(".")[0]
-                if name.endswith(".weight") and owner in targets and view.dtype == torch.uint8:
-                    pending[owner][key] = view.clone()  # a bitsandbytes packed weight
-                elif name.endswith(".weight") and owner in targets and quant and stored is None:
-                    check_shape(name, model.get_submodule(owner).weight.shape, view.shape)
-                    states[owner] = quantize(view.to(device), quant, blocksize, double_quant)
-                    info.quantized_params += view.numel()
-                else:
-                    target = dtype if view.is_floating_point() else view.dtype
-                    slots.assign(name, view.to(device=device, dtype=target, copy=True))
-                    info.full_precision_bytes += view.numel() * target.itemsize
-                del view
-                reader.release(key)
-                bar.update()
-                if bar.n % 16 == 0:
-                    _trim_heap()
-                    bar.set_postfix(rss=f"{_rss_mb():.0f}MB", refresh=False)
-        bar.set_postfix(rss=f"{_rss_mb():.0f}MB")
-        bar.close()
-    finally:
-        for reader in readers:
-            reader.close()
 
-    for owner, group in pending.items():
-        weight_key = next(k for k in group if k.endswith(".weight"))
+class _Stream:
+    """Stage 5: every tensor of every shard, read once, checked, and put where it goes.
+
+    Full-precision tensors are assigned into the model as they arrive; target Linear weights
+    become `QuantState`s (quantized here, or collected as a bitsandbytes group).
+    """
+
+    def __init__(self, model: nn.Module, plan: _Plan, info: LoadInfo) -> None:
+        self.model, self.plan, self.info = model, plan, info
+        quantizing = plan.quant is not None or info.prequantized
+        self.targets = set(find_targets(model, plan.target_modules)) if quantizing else set()
+        self.slots = _Slots(model)
+        self.pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # bnb groups
+        self.states: dict[str, QuantState] = {}
+        self.unexpected: list[str] = []
+
+    def read(self, shards: list[Path], progress: bool) -> None:
+        readers: list[SafetensorsReader] = []
         try:
-            state = QuantState.from_state_dict(group, weight_key, where=f"{directory}: {owner}")
-        except (KeyError, ValueError) as err:
-            raise ModelLoadError(str(err).strip("'\"")) from None
-        check_shape(weight_key, model.get_submodule(owner).weight.shape, state.shape)
-        states[owner] = state.to(device)
-        info.quantized_params += state.numel
+            for shard in shards:
+                try:
+                    readers.append(SafetensorsReader(shard))
+                except SafetensorsError as err:
+                    raise ModelLoadError(str(err)) from None
+            total = sum(len(r.tensors) for r in readers)
+            kind = self.plan.quant or str(self.plan.dtype).removeprefix("torch.")
+            label = f"load {self.info.directory.name} [{kind}]"
+            bar = tqdm(total=total, desc=label, unit="tensor", disable=not progress)
+            for reader in readers:
+                for key in reader.names():
+                    self._take(reader, key)
+                    reader.release(key)
+                    bar.update()
+                    if bar.n % 16 == 0:
+                        _trim_heap()
+                        bar.set_postfix(rss=f"{_rss_mb():.0f}MB", refresh=False)
+            bar.set_postfix(rss=f"{_rss_mb():.0f}MB")
+            bar.close()
+        finally:
+            for reader in readers:
+                reader.close()
 
+    def _take(self, reader: SafetensorsReader, key: str) -> None:
+        """Place checkpoint tensor ``key``: pending group, quantized state or model slot."""
+        view = reader.get(key)
+        check_finite(view, key, reader.path)
+        module_name, _, leaf = key.partition(".weight.")
+        if leaf:  # bitsandbytes' quantization extras: weight.absmax, weight.quant_map, ...
+            name = self.slots.resolve(module_name + ".weight")
+            if name is None:
+                self.unexpected.append(key)
+            else:
+                self.pending[name.removesuffix(".weight")][key] = view.clone()
+            return
+        name = self.slots.resolve(key)
+        if name is None:
+            self.unexpected.append(key)
+            return
+        owner = name.rpartition(".")[0]
+        is_target = name.endswith(".weight") and owner in self.targets
+        plan, device = self.plan, self.plan.device
+        if is_target and view.dtype == torch.uint8:
+            self.pending[owner][key] = view.clone()  # a bitsandbytes packed weight
+        elif is_target and plan.quant and not self.info.prequantized:
+            check_shape(name, self.model.get_submodule(owner).weight.shape, view.shape)
+            self.states[owner] = quantize(
+                view.to(device), plan.quant, plan.blocksize, plan.double_quant
+            )
+            self.info.quantized_params += view.numel()
+        else:
+            target = plan.dtype if view.is_floating_point() else view.dtype
+            self.slots.assign(name, view.to(device=device, dtype=target, copy=True))
+            self.info.full_precision_bytes += view.numel() * target.itemsize
+
+    def quant_states(self) -> dict[str, QuantState]:
+        """Stage 6: the quantized targets, bitsandbytes groups decoded into `QuantState`s."""
+        directory = self.info.directory
+        for owner, group in self.pending.items():
+            weight_key = next(k for k in group if k.endswith(".weight"))
+            try:
+                state = QuantState.from_state_dict(group, weight_key, where=f"{directory}: {owner}")
+            except (KeyError, ValueError) as err:
+                raise ModelLoadError(str(err).strip("'\"")) from None
+            check_shape(weight_key, self.model.get_submodule(owner).weight.shape, state.shape)
+            self.states[owner] = state.to(self.plan.device)
+            self.info.quantized_params += state.numel
+        self.pending.clear()
+        return self.states
+
+
+def _install_quantized(
+    model: nn.Module, states: dict[str, QuantState], stream: _Stream, plan: _Plan
+) -> None:
+    """Stage 7: each quantized target becomes a `QuantLinear` (or, asked for in full
+    precision, a dequantized ``nn.Linear``), keeping its bias."""
+    info = stream.info
     for owner, state in states.items():
         linear = model.get_submodule(owner)
         bias = linear.bias if isinstance(linear, nn.Linear) else None
         if bias is not None and _is_meta(bias):
-            raise ModelLoadError(f"{directory}: the checkpoint has no tensor {owner}.bias")
-        if quant is None:  # a pre-quantized checkpoint asked for in full precision
-            replacement = nn.Linear(
-                state.shape[1], state.shape[0], bias=bias is not None, device=device, dtype=dtype
+            raise ModelLoadError(f"{info.directory}: the checkpoint has no tensor {owner}.bias")
+        if plan.quant is None:  # a pre-quantized checkpoint asked for in full precision
+            replacement: nn.Module = nn.Linear(
+                state.shape[1],
+                state.shape[0],
+                bias=bias is not None,
+                device=plan.device,
+                dtype=plan.dtype,
             )
             with torch.no_grad():
-                replacement.weight.copy_(dequantize(state, dtype=dtype))
+                replacement.weight.copy_(dequantize(state, dtype=plan.dtype))
                 if bias is not None:
                     replacement.bias.copy_(bias)
         else:
-            replacement = QuantLinear(state, bias, compute_dtype=compute)
+            replacement = QuantLinear(state, bias, compute_dtype=plan.compute_dtype)
             info.quantized_layers += 1
             info.quantized_bytes += state.storage_bytes()
-        _replace(model, owner, replacement)
+        replace_module(model, owner, replacement)
         for key in (f"{owner}.weight", f"{owner}.bias"):
-            slots.places.pop(key, None)
+            stream.slots.places.pop(key, None)
 
-    missing = slots.missing()
+
+def _check_complete(model: nn.Module, stream: _Stream, device: torch.device) -> None:
+    """Stage 8: nothing the architecture needs is missing; unused tensors are reported."""
+    directory = stream.info.directory
+    missing = stream.slots.missing()
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -456,24 +598,100 @@ def load_model(
             f"{directory}: the checkpoint lacks {len(missing)} tensor(s) the architecture "
             f"needs: {shown}; is it complete, and does config.json belong to it?"
         )
-    if unexpected:
+    if stream.unexpected:
+        unexpected = stream.unexpected
         shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
         warnings.warn(
             f"{directory}: ignored {len(unexpected)} tensor(s) the architecture does not use: "
             f"{shown}",
-            stacklevel=2,
+            stacklevel=3,
         )
     _rebuild_meta_buffers(model, device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if _is_meta(t)]
     if leftover:
         raise ModelLoadError(f"{directory}: tensors left uninitialized: {', '.join(leftover)}")
 
+
+def load_model(
+    source: str | os.PathLike | ModelConfig = DEFAULT_MODEL,
+    quant: QuantKind | QuantConfig | None = "nf4",
+    *,
+    double_quant: bool | None = None,
+    blocksize: int | None = None,
+    compute_dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    target_modules: TargetModules | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool | None = None,
+    tokenizer: bool = True,
+    progress: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Load a causal LM, quantizing its Linear layers while the tensors stream in.
+
+    ``load_model(ModelConfig(...), QuantConfig(...))`` loads what a run config describes; a
+    keyword given explicitly overrides the dataclass's field.
+
+    Args:
+        source: a Hugging Face directory (``model.safetensors`` or a sharded index), a
+            directory saved pre-quantized by bitsandbytes, a ``.gguf`` file, a registered
+            name (default ``smollm2-135m``), or a `ModelConfig` (source, dtype, device and,
+            when it has one, trust_remote_code).
+        quant: ``"nf4"``, ``"fp4"``, ``"int8"``, ``"nf2"``, None (full precision), or a
+            `QuantConfig` (kind, double_quant, blocksize, compute_dtype, target_modules).
+        double_quant: quantize the block scales too (QLoRA's double quantization; default
+            True).
+        blocksize: elements per quantization block (default 64).
+        compute_dtype: dtype the quantized weights are dequantized to for matmuls
+            (default: ``dtype``).
+        dtype: dtype of everything kept in full precision - embeddings, norms, the output
+            head, and the Linear weights when ``quant`` is None. Default float32 on CPU
+            (no fast bf16 there) and bfloat16 on CUDA.
+        target_modules: Linear layers to quantize ("all-linear", the default: all but the
+            output head).
+        device: where the model is built ("auto": CUDA when available; default "auto");
+            tensors go there as they are read.
+        trust_remote_code: run the model folder's own Python (``auto_map``) if it has any.
+            Default False: such a model is refused with an error naming the directory.
+        tokenizer: also load the tokenizer (returns None in its place when False).
+        progress: show a progress bar.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode with ``model.qlora_load_info``.
+
+    Raises:
+        ModelLoadError: a missing file or shard, a corrupt or truncated safetensors file, an
+            unknown architecture, custom code without ``trust_remote_code``, NaN/inf weights,
+            weights that do not fit the config, or an unavailable device; the message names
+            the file, tensor or device.
+    """
+    start = time.perf_counter()
+    overrides = {
+        "double_quant": double_quant,
+        "blocksize": blocksize,
+        "compute_dtype": compute_dtype,
+        "dtype": dtype,
+        "target_modules": target_modules,
+        "device": device,
+        "trust_remote_code": trust_remote_code,
+    }
+    plan = _plan(source, quant, overrides)  # 1. arguments
+    directory = resolve_checkpoint(plan.source)  # 2. files
+    config = _load_config(directory, plan.trust_remote_code)
+    shards = _shards(directory)
+    plan, prequantized = _reconcile_prequantized(config, plan, directory)  # 3.
+    model = _skeleton(config, plan)  # 4.
+    info = LoadInfo(plan.source, directory, plan.quant, prequantized, shards=shards)
+    stream = _Stream(model, plan, info)
+    stream.read(shards, progress)  # 5.
+    _install_quantized(model, stream.quant_states(), stream, plan)  # 6., 7.
+    _check_complete(model, stream, plan.device)  # 8.
     model.eval()
     _trim_heap()
     _attach_generation_config(model, directory)
     info.seconds = time.perf_counter() - start
     model.qlora_load_info = info
-    return model, (_load_tokenizer(directory) if tokenizer else None)
+    loaded = _load_tokenizer(directory, plan.trust_remote_code) if tokenizer else None
+    return model, loaded
 
 
 def _attach_generation_config(model: nn.Module, directory: Path) -> None:
@@ -487,7 +705,7 @@ def _attach_generation_config(model: nn.Module, directory: Path) -> None:
         warnings.warn(f"{directory}: generation_config.json ignored ({err})", stacklevel=3)
 
 
-def _load_tokenizer(directory: Path) -> Any:
+def _load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelLoadError(
             f"{directory}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); copy them in, "
@@ -495,7 +713,11 @@ def _load_tokenizer(directory: Path) -> Any:
         )
     from transformers import AutoTokenizer
 
+    auto_map = _auto_map(directory / "tokenizer_config.json")
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"{directory}: cannot load the tokenizer: {err}") from None
+        if auto_map and not trust_remote_code:
+            raise _custom_code_error(directory, "tokenizer_config.json", auto_map) from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelLoadError(f"{directory}: cannot load the tokenizer: {first}") from None

@@ -7,8 +7,9 @@ if the package is missing, the error gives the exact install command.
 GGUF files are converted once into a Hugging Face directory (``config.json``,
 ``model.safetensors``, tokenizer files) under the cache, ``$QLORA_CACHE`` or
 ``~/.cache/qlora``, so later loads stream safetensors like any other checkpoint. The
-conversion writes into a temporary directory and renames it into place, so an interrupted
-conversion never leaves a half-written cache entry behind.
+conversion writes into a temporary directory and moves it into place
+(`qlora.files.staged_directory`, with the user's umask), its ``qlora_source.json`` marker
+last, so an interrupted conversion never leaves an entry that looks complete.
 
 The conversion itself uses transformers' GGUF reader (``from_pretrained(gguf_file=...)``):
 it knows each architecture's tensor names and llama.cpp's query/key row permutation. It
@@ -22,11 +23,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from qlora.files import staged_directory
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -104,6 +105,9 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+_MARKER = "qlora_source.json"  # written last: its presence means the entry is complete
+
+
 def gguf_to_hf(path: str | os.PathLike, cache: Path | None = None) -> Path:
     """Convert a GGUF file to a Hugging Face safetensors directory once; return its path.
 
@@ -115,7 +119,7 @@ def gguf_to_hf(path: str | os.PathLike, cache: Path | None = None) -> Path:
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such GGUF file")
     target = (cache or cache_dir()) / "gguf" / f"{path.stem}-{_fingerprint(path)}"
-    if (target / "qlora_source.json").is_file():
+    if (target / _MARKER).is_file():
         return target
     try:
         import gguf  # noqa: F401 - transformers needs it; fail here with the install hint
@@ -127,28 +131,22 @@ def gguf_to_hf(path: str | os.PathLike, cache: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"qlora: converting {path.name} to safetensors once (cached in {target})")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
+    # The cache entry is ours: an unmarked leftover (a crash mid-publish) or a concurrent
+    # conversion's identical files are replaced file by file, the marker moving last.
+    with staged_directory(target, last=[_MARKER]) as staging:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            tokenizer = AutoTokenizer.from_pretrained(
+                path.parent, gguf_file=path.name, trust_remote_code=False
+            )
             model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32
+                path.parent, gguf_file=path.name, dtype=torch.float32, trust_remote_code=False
             )
         except (ValueError, KeyError, OSError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ModelLoadError(f"{path}: transformers cannot read this GGUF: {first}") from err
-        _save_hf_directory(model, tokenizer, tmp)
+        _save_hf_directory(model, tokenizer, staging)
         source = {"gguf": str(path.resolve()), "size": path.stat().st_size}
-        (tmp / "qlora_source.json").write_text(json.dumps(source, indent=2) + "\n")
-        if target.exists():  # a concurrent conversion finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (staging / _MARKER).write_text(json.dumps(source, indent=2) + "\n")
     return target
 
 

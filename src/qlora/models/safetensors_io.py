@@ -20,6 +20,7 @@ Why not ``safetensors.safe_open``? Two reasons that matter for quantize-on-load:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import mmap
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from qlora.files import atomic_open
 
 __all__ = [
     "DTYPES",
@@ -57,6 +60,13 @@ DTYPES: dict[str, torch.dtype] = {
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit too
 _PAGE = mmap.PAGESIZE
+
+
+def _int_list(value: object) -> bool:
+    """A JSON list of integers (bools and floats are not: ``[2.5]`` is no shape)."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    )
 
 
 class SafetensorsError(ValueError):
@@ -110,39 +120,73 @@ class SafetensorsReader:
             raise SafetensorsError(
                 f"{self.path}: corrupt header ({err}); re-download or re-save the checkpoint"
             ) from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.metadata = self._check_metadata(header.pop("__metadata__", None))
         base = 8 + length
         self.tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
             self.tensors[name] = self._check_entry(name, entry, base, size)
+        self._check_overlaps()
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         self._map: mmap.mmap | None = None
         if size > base:
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
 
+    def _check_metadata(self, metadata: object) -> dict[str, str]:
+        if metadata is None:
+            return {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise SafetensorsError(
+                f"{self.path}: __metadata__ must map strings to strings, got {metadata!r:.80}; "
+                "the file is corrupt"
+            )
+        return metadata
+
     def _check_entry(self, name: str, entry: object, base: int, size: int) -> TensorInfo:
+        """One header entry, every field checked: a corrupt or crafted header must fail
+        here, naming the tensor, not later as a negative-size view or an out-of-range read."""
         where = f"{self.path}: tensor {name!r}"
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-            raise SafetensorsError(f"{where}: malformed header entry {entry!r}")
-        dtype = DTYPES.get(entry["dtype"])
+            raise SafetensorsError(f"{where}: malformed header entry {entry!r:.120}")
+        raw_dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        dtype = DTYPES.get(raw_dtype) if isinstance(raw_dtype, str) else None
         if dtype is None:
             raise SafetensorsError(
-                f"{where}: unsupported dtype {entry['dtype']!r} (known: {', '.join(DTYPES)})"
+                f"{where}: unsupported dtype {raw_dtype!r} (known: {', '.join(DTYPES)})"
             )
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
+        if not _int_list(shape) or any(d < 0 for d in shape):
+            raise SafetensorsError(
+                f"{where}: shape {shape!r:.80} is not a list of non-negative integers; "
+                "the file is corrupt"
+            )
+        if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+            raise SafetensorsError(
+                f"{where}: data_offsets {offsets!r:.80} is not [begin, end] with "
+                "0 <= begin <= end; the file is corrupt"
+            )
+        begin, end = offsets
         nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
+        if end - begin != nbytes:
             raise SafetensorsError(
                 f"{where}: data_offsets {[begin, end]} do not match shape {list(shape)} "
-                f"of {entry['dtype']} ({nbytes} bytes); the file is corrupt"
+                f"of {raw_dtype} ({nbytes} bytes); the file is corrupt"
             )
         if base + end > size:
             raise SafetensorsError(
                 f"{where} needs bytes up to {base + end} but the file has only {size}: "
                 "the file is truncated (an interrupted download or copy?); fetch it again"
             )
-        return TensorInfo(name, dtype, shape, base + begin, nbytes)
+        return TensorInfo(name, dtype, tuple(shape), base + begin, nbytes)
+
+    def _check_overlaps(self) -> None:
+        """Two tensors sharing bytes: a crafted or corrupt header (the format forbids it)."""
+        spans = sorted((i.start, i.start + i.nbytes, i.name) for i in self.tensors.values())
+        spans = [span for span in spans if span[1] > span[0]]  # empty tensors own no bytes
+        for (_, prev_end, prev), (start, _, name) in itertools.pairwise(spans):
+            if start < prev_end:
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name!r} overlaps tensor {prev!r} (their "
+                    "data_offsets share bytes); the file is corrupt"
+                )
 
     def names(self) -> list[str]:
         """Tensor names in file order."""
@@ -192,7 +236,7 @@ def write_safetensors(
     *,
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None,
 ) -> None:
-    """Write a safetensors file atomically (temp file, then rename).
+    """Write a safetensors file atomically (`qlora.files.atomic_open`: temp file, then rename).
 
     Args:
         path: destination.
@@ -222,8 +266,7 @@ def write_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as the reference writer does
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for (name, dtype, shape), (got_name, tensor) in zip(specs, items, strict=True):
@@ -235,6 +278,3 @@ def write_safetensors(
             data = tensor.detach().contiguous().cpu().reshape(-1)
             if data.numel():
                 f.write(memoryview(data.view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

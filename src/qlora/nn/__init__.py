@@ -10,10 +10,11 @@ from qlora.nn.inject import (
     lora_layers,
     merge,
     quantize_model,
+    replace_module,
     set_adapter,
     trainable_report,
 )
-from qlora.nn.loftq import LoftQResult, loftq_decompose
+from qlora.nn.loftq import LoftQReport, LoftQResult, init_loftq, loftq_decompose
 from qlora.nn.lora import (
     LoRALinear,
     base_weight_dtype,
@@ -26,6 +27,7 @@ from qlora.nn.qlinear import QuantLinear
 
 __all__ = [
     "LoRALinear",
+    "LoftQReport",
     "LoftQResult",
     "QuantLinear",
     "TrainableReport",
@@ -34,12 +36,14 @@ __all__ = [
     "delta_weight",
     "disable_adapters",
     "find_targets",
+    "init_loftq",
     "loftq_decompose",
     "lora_layers",
     "merge",
     "merge_adapter",
     "merged_weight",
     "quantize_model",
+    "replace_module",
     "set_adapter",
     "trainable_report",
     "unmerge_adapter",

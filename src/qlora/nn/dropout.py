@@ -20,37 +20,19 @@ The mask differs from ``nn.Dropout``'s (a different generator), not in distribut
 element is dropped independently with probability p (to 2⁻³²).
 
 `keep_mask_reference` computes the hash with PyTorch int64 arithmetic: the oracle that the C
-kernel (``kernels/ops.c``) is tested against, and the fallback where it is not built.
+kernel (``qlora/kernels/ops.c``, loaded by `qlora.kernels.c_extension`) is tested against, and
+the fallback where it is not built or kernels are disabled.
 """
 
 from __future__ import annotations
 
-import os
-from types import ModuleType
-
 import torch
 
-__all__ = ["apply_dropout", "draw_seeds", "keep_mask_reference", "ops_kernel"]
+from qlora.kernels import c_extension
+
+__all__ = ["apply_dropout", "draw_seeds", "keep_mask_reference"]
 
 _MASK32 = 0xFFFFFFFF
-
-
-def _load_kernel() -> ModuleType | None:
-    if os.environ.get("QLORA_DISABLE_KERNELS", "") not in ("", "0"):
-        return None
-    try:
-        from qlora.nn.kernels import _ops  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _ops
-
-
-_KERNEL = _load_kernel()
-
-
-def ops_kernel() -> ModuleType | None:
-    """The compiled element-wise kernel module, or None (not built, or disabled)."""
-    return _KERNEL
 
 
 def draw_seeds() -> tuple[int, int]:
@@ -111,7 +93,7 @@ def apply_dropout(
     if x.numel() >= 2**32:
         raise ValueError(f"dropout over {x.numel()} elements: at most 2^32 - 1 per call")
     scale = 1.0 / (1.0 - p)
-    kernel = _KERNEL
+    kernel = c_extension("ops")
     if (
         kernel is not None
         and x.device.type == "cpu"

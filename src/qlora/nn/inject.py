@@ -39,6 +39,7 @@ __all__ = [
     "lora_layers",
     "merge",
     "quantize_model",
+    "replace_module",
     "set_adapter",
     "trainable_report",
 ]
@@ -130,7 +131,7 @@ def find_targets(
     return selected
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at dotted path ``name`` in ``model``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -224,60 +225,51 @@ def add_lora(
     model: nn.Module,
     config: LoraConfig,
     adapter_name: str = "default",
-    verbose: bool = True,
-    quant: QuantConfig | None = None,
 ) -> nn.Module:
     """Wrap ``config.target_modules`` in LoRALinear, freeze the rest, activate the adapter.
 
-    With ``config.init == "loftq"`` the model must still be in full precision and ``quant``
-    says how to quantize it: ``quant``'s targets are quantized here, and adapters on them
-    start from the LoftQ fit of the quantization error (`qlora.nn.loftq`); any other
-    adapter starts as with "kaiming".
-
     Targets that already are LoRALinear get ``adapter_name`` as an additional adapter. Every
     parameter that is not a LoRA A/B weight is frozen (biases included: ``bias="none"``), and
-    the new adapter becomes the only active - hence only trainable - one.
+    the new adapter becomes the only active - hence only trainable - one. The config is
+    recorded in ``model.lora_configs[adapter_name]`` (what an adapter file's
+    ``adapter_config.json`` is written from).
 
-    The trainable-parameter report is printed when ``verbose`` and stored as
-    ``model.qlora_report``; the config is recorded in ``model.lora_configs[adapter_name]``
-    (what an adapter file's ``adapter_config.json`` is written from).
+    This only wraps and initializes; the caller reports (``print(trainable_report(model))``).
+    ``config.init == "loftq"`` starts the adapters as "kaiming" here: LoftQ is a separate
+    step, `qlora.nn.loftq.init_loftq`, called next on the still full-precision model.
 
     Returns:
         ``model``, modified in place.
     """
     if config.bias != "none":
         raise ValueError(f"lora.bias={config.bias!r} is not supported; only 'none'")
-    targets = find_targets(model, config.target_modules, config.exclude_modules)
-    loftq: dict = {}
-    if config.init == "loftq":
-        from qlora.nn.loftq import loftq_quantize
-
-        if quant is None:
-            raise ValueError(
-                "lora.init='loftq' needs the quantization to fit: pass "
-                "add_lora(..., quant=QuantConfig(kind=...)) on a full-precision model"
-            )
-        loftq = loftq_quantize(model, config, quant, targets, progress=verbose)
-    for name in targets:
+    init = "kaiming" if config.init == "loftq" else config.init
+    for name in find_targets(model, config.target_modules, config.exclude_modules):
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             layer = module
         else:
             layer = LoRALinear(module)
             layer.train(module.training)  # follow the model's mode (eval after load_model)
-            _replace(model, name, layer)
+            replace_module(model, name, layer)
         layer.add_adapter(
             adapter_name,
             r=config.r,
             alpha=config.alpha,
             dropout=config.dropout,
             use_rslora=config.use_rslora,
-            init="kaiming" if config.init == "loftq" else config.init,
+            init=init,
         )
-        if name in loftq:
-            with torch.no_grad():
-                layer.lora_A[adapter_name].weight.copy_(loftq[name].lora_A)
-                layer.lora_B[adapter_name].weight.copy_(loftq[name].lora_B)
+    _freeze_all_but_lora(model)
+    set_adapter(model, adapter_name)
+    configs: dict[str, LoraConfig] = dict(getattr(model, "lora_configs", None) or {})
+    configs[adapter_name] = config
+    model.lora_configs = configs
+    return model
+
+
+def _freeze_all_but_lora(model: nn.Module) -> None:
+    """``requires_grad=False`` on every parameter that is not a LoRA A or B weight."""
     lora_params = {
         id(p)
         for _, layer in lora_layers(model)
@@ -286,15 +278,6 @@ def add_lora(
     for param in model.parameters():
         if id(param) not in lora_params:
             param.requires_grad_(False)
-    set_adapter(model, adapter_name)
-    configs: dict[str, LoraConfig] = dict(getattr(model, "lora_configs", None) or {})
-    configs[adapter_name] = config
-    model.lora_configs = configs
-    report = trainable_report(model)
-    model.qlora_report = report
-    if verbose:
-        print(report)
-    return model
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
@@ -321,7 +304,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             double_quant=config.double_quant,
             compute_dtype=config.compute_dtype,
         )
-        _replace(model, name, quantized)
+        replace_module(model, name, quantized)
     return model
 
 
@@ -359,7 +342,7 @@ def merge(model: nn.Module, adapter: str | Iterable[str] | None = None) -> nn.Mo
         if bias is not None:
             dense.bias.copy_(bias)
         dense.requires_grad_(False)
-        _replace(model, name, dense)
+        replace_module(model, name, dense)
     if hasattr(model, "lora_configs"):
         model.lora_configs = {}
     return model

@@ -24,6 +24,11 @@ spends its codes on what the adapter cannot represent. The error ‖W − Q_t �
 recorded per iteration (`LoftQResult.errors`); it is not guaranteed to fall monotonically
 (quantization is not a projection onto a convex set), so the best iterate is kept.
 
+Use: ``add_lora(model, lora)`` on a full-precision model, then
+``print(init_loftq(model, lora, quant))``: the targets of ``quant`` are quantized (LoftQ-style
+where the adapter sits, plainly elsewhere) and the adapter's A and B are overwritten with the
+fit.
+
 Compatibility: with ``iters == 1`` the base is exactly ``quantize(W)``, the same bytes
 `qlora.load_model` produces, so the trained adapter works on a normally loaded base. With
 ``iters > 1`` the base differs from ``quantize(W)``: an adapter trained over it must be used
@@ -42,10 +47,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlora.config import LoraConfig, QuantConfig
+from qlora.nn.inject import find_targets, replace_module
+from qlora.nn.lora import LoRALinear
 from qlora.nn.qlinear import QuantLinear
 from qlora.quant import QuantState, dequantize, quantize
 
-__all__ = ["LoftQResult", "loftq_decompose", "loftq_quantize", "low_rank_factors"]
+__all__ = ["LoftQReport", "LoftQResult", "init_loftq", "loftq_decompose", "low_rank_factors"]
 
 # Above this many rows and columns an exact SVD costs seconds per matrix; a randomized
 # range finder with a few power iterations gets the top r directions for a fraction of it.
@@ -147,32 +154,33 @@ def loftq_decompose(
     return best
 
 
-@torch.no_grad()
-def loftq_quantize(
-    model: nn.Module,
-    lora: LoraConfig,
-    quant: QuantConfig,
-    lora_targets: list[str],
-    progress: bool = True,
-) -> dict[str, LoftQResult]:
-    """Quantize ``quant``'s targets in place, LoftQ-style where LoRA will also go.
+@dataclass(frozen=True)
+class LoftQReport:
+    """What `init_loftq` did.
 
-    Layers in both ``lora_targets`` and ``quant.target_modules`` get a LoftQ base
-    (`loftq_decompose` with ``lora.r``, ``lora.scaling``, ``lora.loftq_iters``); quantized
-    layers without an adapter are quantized plainly. Called by `qlora.add_lora` for
-    ``lora.init == "loftq"``, which then wraps the layers and copies in the returned factors.
-
-    Returns:
-        LoRA target name -> its `LoftQResult` (layers the quantization does not cover are
-        absent: they get the default initialization).
-
-    Raises:
-        ValueError: no quantization kind, or a target that is already quantized or adapted
-            (LoftQ needs the full-precision weight).
+    Attributes:
+        kind: the quantization kind of the new base.
+        fitted: LoRA layer name -> its `LoftQResult` (base quantized LoftQ-style, A and B fitted).
+        plain: names of the layers quantized plainly (no adapter of this name on them).
     """
-    from qlora.nn.inject import _replace, find_targets
-    from qlora.nn.lora import LoRALinear
 
+    kind: str
+    fitted: dict[str, LoftQResult]
+    plain: list[str]
+
+    def __str__(self) -> str:
+        if not self.fitted:
+            return f"LoftQ {self.kind}: no adapter fitted, {len(self.plain)} layers quantized"
+        before = sum(r.quant_error for r in self.fitted.values()) / len(self.fitted)
+        after = sum(min(r.errors) for r in self.fitted.values()) / len(self.fitted)
+        return (
+            f"LoftQ {self.kind}: {len(self.fitted)} adapters fitted to the quantization error "
+            f"(mean relative error {before:.4f} -> {after:.4f}), {len(self.plain)} other "
+            "layers quantized plainly"
+        )
+
+
+def _check_loftq(lora: LoraConfig, quant: QuantConfig) -> None:
     if quant.kind is None:
         raise ValueError(
             "lora.init='loftq' fits the adapters to a quantization error, but quant.kind is "
@@ -185,32 +193,85 @@ def loftq_quantize(
             "same LoftQ settings (or keep loftq_iters=1) before loading the adapter elsewhere",
             stacklevel=3,
         )
-    quant_targets = find_targets(model, quant.target_modules)
-    wanted = set(lora_targets)
-    results: dict[str, LoftQResult] = {}
-    bar = tqdm(quant_targets, desc=f"LoftQ {quant.kind}", unit="layer", disable=not progress)
+
+
+def _full_precision(name: str, module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` under ``module`` (itself or a LoRALinear's base); LoftQ needs it."""
+    base = module.base_layer if isinstance(module, LoRALinear) else module
+    merged = isinstance(module, LoRALinear) and module.merged
+    if merged or not isinstance(base, nn.Linear):
+        raise ValueError(
+            f"lora.init='loftq' needs the full-precision weight of {name}, but it is "
+            f"{'merged' if merged else 'already a ' + type(base).__name__}; load the model "
+            "with quant=None, call add_lora, then init_loftq(model, lora, QuantConfig(...))"
+        )
+    return base
+
+
+@torch.no_grad()
+def _fit_layer(layer: LoRALinear, adapter: str, quant: QuantConfig, iters: int) -> LoftQResult:
+    """Quantize ``layer``'s base LoftQ-style and copy the fitted factors into its adapter."""
+    weight = layer.base_layer.weight  # [out, in]
+    lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # [r, in], [out, r]
+    assert quant.kind is not None  # _check_loftq
+    result = loftq_decompose(
+        weight,
+        lora_a.shape[0],
+        layer.scaling[adapter],
+        quant.kind,
+        quant.blocksize,
+        quant.double_quant,
+        iters,
+    )
+    lora_a.copy_(result.lora_A)
+    lora_b.copy_(result.lora_B)
+    return result
+
+
+@torch.no_grad()
+def init_loftq(
+    model: nn.Module,
+    lora: LoraConfig,
+    quant: QuantConfig,
+    adapter_name: str = "default",
+    progress: bool = True,
+) -> LoftQReport:
+    """Quantize ``quant``'s targets in place, fitting adapter ``adapter_name`` LoftQ-style.
+
+    Call it after `qlora.nn.add_lora` on a model still in full precision (loaded with
+    ``quant=None``). A target that carries the adapter gets a LoftQ base (`loftq_decompose`
+    with the adapter's rank and scaling and ``lora.loftq_iters`` rounds) and its A, B are
+    overwritten with the fit; every other target is quantized plainly. What was trainable
+    stays trainable, and nothing else becomes so.
+
+    Returns:
+        A `LoftQReport` (print it).
+
+    Raises:
+        ValueError: no quantization kind, or a target that is already quantized or merged
+            (LoftQ needs the full-precision weight).
+    """
+    _check_loftq(lora, quant)
+    assert quant.kind is not None
+    targets = find_targets(model, quant.target_modules)
+    bases = {name: _full_precision(name, model.get_submodule(name)) for name in targets}
+    fitted: dict[str, LoftQResult] = {}
+    plain: list[str] = []
+    bar = tqdm(targets, desc=f"LoftQ {quant.kind}", unit="layer", disable=not progress)
     for name in bar:
-        module = model.get_submodule(name)
-        if isinstance(module, QuantLinear | LoRALinear):
-            raise ValueError(
-                f"lora.init='loftq' needs the full-precision weight of {name}, but it is "
-                f"already a {type(module).__name__}; load the model with quant=None and pass "
-                "the quantization to add_lora(..., quant=QuantConfig(...))"
-            )
-        bias = module.bias.data if module.bias is not None else None
-        if name in wanted:
-            result = loftq_decompose(
-                module.weight,
-                lora.r,
-                lora.scaling,
-                quant.kind,
-                quant.blocksize,
-                quant.double_quant,
-                lora.loftq_iters,
-            )
-            results[name] = result
-            state = result.state
+        module, base = model.get_submodule(name), bases[name]
+        if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
+            result = _fit_layer(module, adapter_name, quant, lora.loftq_iters)
+            fitted[name], state = result, result.state
         else:
-            state = quantize(module.weight.data, quant.kind, quant.blocksize, quant.double_quant)
-        _replace(model, name, QuantLinear(state, bias, quant.compute_dtype))
-    return results
+            state = quantize(base.weight.data, quant.kind, quant.blocksize, quant.double_quant)
+            plain.append(name)
+        bias = base.bias.data if base.bias is not None else None
+        quantized = QuantLinear(state, bias, quant.compute_dtype)
+        quantized.requires_grad_(False)
+        quantized.train(base.training)
+        if isinstance(module, LoRALinear):
+            module.base_layer = quantized
+        else:
+            replace_module(model, name, quantized)
+    return LoftQReport(quant.kind, fitted, plain)

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora.nn.dropout import apply_dropout, draw_seeds, ops_kernel
+from qlora.kernels import c_extension
+from qlora.nn.dropout import apply_dropout, draw_seeds
 from qlora.nn.qlinear import QuantLinear, dequantize_for_matmul
 from qlora.quant.scratch import scratch
 
@@ -131,7 +132,8 @@ def fused_lora_supported(
         return False
     if not isinstance(dropout, nn.Identity | nn.Dropout):
         return False
-    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0 and not ops_kernel():
+    dropping = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+    if dropping and c_extension("ops") is None:
         return False
     if isinstance(base, QuantLinear):
         return base.compute_dtype == torch.float32

@@ -18,14 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora.dtypes import torch_dtype
 from qlora.quant.blockwise import quantize
 from qlora.quant.dequant import dequantize
 from qlora.quant.scratch import dequantize_scratch
 from qlora.quant.state import QuantState
 
 __all__ = ["QuantLinear", "dequantize_for_matmul", "quantized_matmul"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _state_tensors(state: QuantState) -> tuple[torch.Tensor, ...]:
@@ -85,8 +84,8 @@ def quantized_matmul(x: torch.Tensor, state: QuantState) -> torch.Tensor:
 
 
 def _fused_decode_applies(x: torch.Tensor, in_features: int) -> bool:
-    from qlora.quant.dequant import triton_enabled
-    from qlora.quant.kernels.triton_matmul import FUSED_MAX_TOKENS
+    from qlora.kernels import triton_enabled
+    from qlora.kernels.triton_matmul import FUSED_MAX_TOKENS
 
     if torch.is_grad_enabled() and x.requires_grad:
         return False
@@ -95,8 +94,8 @@ def _fused_decode_applies(x: torch.Tensor, in_features: int) -> bool:
 
 def _fused_decode(x: torch.Tensor, state: QuantState) -> torch.Tensor:
     """x [.., in] @ deq(state)ᵀ by the fused Triton kernel (no dequantized copy)."""
+    from qlora.kernels.triton_matmul import quantized_matmul_triton
     from qlora.quant.blockwise import dequantize_absmax
-    from qlora.quant.kernels.triton_matmul import quantized_matmul_triton
 
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # [M, in]
     out = quantized_matmul_triton(
@@ -132,7 +131,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear needs a 2-D weight, got shape {tuple(state.shape)}")
         self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
         if isinstance(compute_dtype, str):
-            compute_dtype = _DTYPES[compute_dtype]
+            compute_dtype = torch_dtype(compute_dtype)
         self.compute_dtype = compute_dtype
         self.bias = (
             nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None

@@ -33,8 +33,8 @@ from functools import cache
 
 import torch
 
+from qlora.kernels import c_extension
 from qlora.quant.codebooks import dynamic_map
-from qlora.quant.dequant import cpu_kernel
 
 __all__ = [
     "BLOCK",
@@ -126,7 +126,7 @@ def dequantize_state(
         out: float32 [n], contiguous.
     """
     code = state_code(signed)
-    kernel = cpu_kernel() if codes.device.type == "cpu" else None
+    kernel = c_extension("cpu") if codes.device.type == "cpu" else None
     n = codes.numel()
     if kernel is not None:
         kernel.dequantize(
@@ -157,7 +157,7 @@ def quantize_state(
         reference: use the PyTorch path even where the C kernel could run (the oracle).
     """
     bounds, order = _bounds(signed)
-    kernel = cpu_kernel() if values.device.type == "cpu" and not reference else None
+    kernel = c_extension("cpu") if values.device.type == "cpu" and not reference else None
     if kernel is not None and hasattr(kernel, "quantize8_lut"):
         lut, padded, zero_rank = _lookup_table(signed)
         kernel.quantize8_lut(

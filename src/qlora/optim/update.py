@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora.kernels import c_extension
 from qlora.optim.state8bit import BLOCK, dequantize_state, fused_kernel_args, quantize_state
-from qlora.quant.dequant import cpu_kernel
 
 __all__ = ["Hyper", "adamw_", "update_fp32_state", "update_quantized_state"]
 
@@ -114,7 +114,7 @@ def update_quantized_state(
         scratch: float32 [2, CHUNK] on the parameter's device, reused across calls.
     """
     n = param.numel()
-    kernel = cpu_kernel() if param.device.type == "cpu" and not reference else None
+    kernel = c_extension("cpu") if param.device.type == "cpu" and not reference else None
     if (
         kernel is not None
         and hasattr(kernel, "adamw8bit_step")

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from qlora.kernels import c_extension
 from qlora.quant.codebooks import BITS, KINDS, codebook, decision_bounds
 from qlora.quant.state import NestedState, QuantState
 
@@ -250,11 +251,7 @@ def quantize(
     bounds, order = decision_bounds(kind)
     bounds = bounds.to(flat.device).contiguous()
     order = order.to(device=flat.device, dtype=torch.uint8).contiguous()
-    kernel = None
-    if not reference and flat.device.type == "cpu":
-        from qlora.quant.dequant import cpu_kernel  # local: dequant imports this module
-
-        kernel = cpu_kernel()
+    kernel = c_extension("cpu") if not reference and flat.device.type == "cpu" else None
     if kernel is not None and hasattr(kernel, "quantize"):
         absmax, packed = _quantize_kernel(kernel, flat, blocksize, bits, bounds, order)
     else:

@@ -32,6 +32,7 @@ All tables are float32 and live on the CPU; `codebook(kind)` caches them.
 
 from __future__ import annotations
 
+import typing
 from functools import cache
 from typing import Literal
 
@@ -39,6 +40,7 @@ import torch
 
 __all__ = [
     "BITS",
+    "BNB_KINDS",
     "KINDS",
     "QuantKind",
     "codebook",
@@ -49,7 +51,8 @@ __all__ = [
 ]
 
 QuantKind = Literal["nf4", "fp4", "int8", "nf2"]
-KINDS: tuple[str, ...] = ("nf4", "fp4", "int8", "nf2")
+KINDS: tuple[str, ...] = typing.get_args(QuantKind)
+BNB_KINDS: tuple[str, ...] = ("nf4", "fp4")  # the kinds bitsandbytes has (int8, nf2: ours)
 BITS: dict[str, int] = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2}
 
 # The constant bitsandbytes and the QLoRA paper use for 4 bits (the formula gives 0.96770833).

@@ -2,54 +2,26 @@
 
 Paths, all bit-identical to `blockwise.dequantize_reference` (tests compare them):
 
-* CPU: the C kernel in ``kernels/cpu.c`` (built at install time when a C compiler exists;
-  AVX2 register lookup for 4-bit codes, byte tables otherwise, OpenMP over blocks).
-* CUDA: the Triton kernel in ``kernels/triton_dequant.py`` when triton is installed.
+* CPU: the C kernel in ``qlora/kernels/cpu.c`` (built at install time when a C compiler
+  exists; AVX2 register lookup for 4-bit codes, byte tables otherwise, OpenMP over blocks).
+* CUDA: the Triton kernel in ``qlora/kernels/triton_dequant.py`` when triton is installed.
 * anything else (no compiler, no triton): the PyTorch reference.
 
-Set ``QLORA_DISABLE_KERNELS=1`` to force the reference path everywhere.
+`qlora.kernels` decides which kernels run: ``QLORA_DISABLE_KERNELS=1`` (read at every call)
+forces the reference path everywhere.
 """
 
 from __future__ import annotations
 
-import os
-from types import ModuleType
-
 import torch
 
+from qlora.kernels import c_extension, triton_enabled
 from qlora.quant.blockwise import dequantize_absmax, dequantize_reference
 from qlora.quant.state import QuantState
 
-__all__ = ["cpu_kernel", "dequantize", "triton_enabled"]
+__all__ = ["dequantize"]
 
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def _load_cpu_kernel() -> ModuleType | None:
-    if os.environ.get("QLORA_DISABLE_KERNELS", "") not in ("", "0"):
-        return None
-    try:
-        from qlora.quant.kernels import _cpu  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _cpu
-
-
-_CPU_KERNEL = _load_cpu_kernel()
-
-
-def triton_enabled() -> bool:
-    """Whether Triton kernels may be used (installed, and not disabled by the environment)."""
-    if os.environ.get("QLORA_DISABLE_KERNELS", "") not in ("", "0"):
-        return False
-    from qlora.quant.kernels.triton_dequant import available
-
-    return available()
-
-
-def cpu_kernel() -> ModuleType | None:
-    """The compiled CPU kernel module, or None when it was not built (or is disabled)."""
-    return _CPU_KERNEL
 
 
 def dequantize(
@@ -76,7 +48,7 @@ def dequantize(
             f"out must be a contiguous {dtype} tensor of {state.numel} elements on "
             f"{state.device}; got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
-    kernel = _CPU_KERNEL
+    kernel = c_extension("cpu")
     if kernel is not None and state.device.type == "cpu" and dtype in _OUT_DTYPES:
         absmax = dequantize_absmax(state).contiguous()
         code = state.code.float().contiguous()
@@ -94,7 +66,7 @@ def dequantize(
             torch.get_num_threads(),
         )
     elif state.device.type == "cuda" and dtype in _OUT_DTYPES and triton_enabled():
-        from qlora.quant.kernels.triton_dequant import dequantize_triton
+        from qlora.kernels.triton_dequant import dequantize_triton
 
         result = (
             out if out is not None else torch.empty(state.shape, dtype=dtype, device=state.device)

@@ -25,12 +25,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qlora.quant.codebooks import BITS, KINDS
+from qlora.dtypes import torch_dtype
+from qlora.quant.codebooks import BITS, BNB_KINDS, KINDS
 
 __all__ = ["NestedState", "QuantState"]
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_BNB_KINDS = ("nf4", "fp4")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -129,7 +127,7 @@ class QuantState:
             info["nested_blocksize"] = self.nested.blocksize
             info["nested_dtype"] = _dtype_name(self.nested.absmax.dtype)
             info["nested_offset"] = self.nested.offset.item()
-        namespace = "bitsandbytes" if self.kind in _BNB_KINDS else "qlora"
+        namespace = "bitsandbytes" if self.kind in BNB_KINDS else "qlora"
         blob = json.dumps(info).encode("utf-8")
         out[f"{prefix}.quant_state.{namespace}__{self.kind}"] = torch.tensor(
             list(blob), dtype=torch.uint8
@@ -190,7 +188,7 @@ class QuantState:
             packed=packed,
             absmax=tensors[f"{prefix}.absmax"],
             shape=shape,
-            dtype=_DTYPES[info["dtype"]],
+            dtype=torch_dtype(info["dtype"]),
             blocksize=int(info["blocksize"]),
             code=code,
             nested=nested,

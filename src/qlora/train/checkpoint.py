@@ -1,27 +1,60 @@
-"""Resumable training checkpoints, written atomically.
+"""Resumable training checkpoints: safetensors + JSON, no pickle, written atomically.
 
-A checkpoint is a directory ``checkpoint-<step>/`` with one ``state.pt``: the trainable
-parameters (by name), the optimizer and scheduler states, every RNG state (Python, torch
-CPU, CUDA) and the data cursor (epoch, batch index). It is written into
-``checkpoint-<step>.tmp`` and renamed into place, and ``latest`` (a one-line file naming
-the newest directory) is replaced atomically after that, so a run killed at any instant -
-SIGKILL included - leaves the previous checkpoint intact and pointed to.
+A checkpoint is a directory ``checkpoint-<step>/`` with two files:
+
+* ``tensors.safetensors``: every tensor of the state (trainable parameters, optimizer
+  moments, RNG states), keyed by its path in the state tree (``trainable/<name>``,
+  ``optimizer/state/3/exp_avg``, ``rng/torch``);
+* ``state.json``: the rest of the tree - step, data cursor, history, config, scheduler,
+  optimizer hyper-parameters, Python's RNG state - with each tensor replaced by a reference
+  ``{"__tensor__": key}``. Tuples and dicts with non-string keys (the optimizer's state is
+  keyed by parameter index) are tagged so they come back as they went in.
+
+Why not ``torch.save``: a pickle is a program, and loading a crafted ``state.pt`` from a
+shared run directory runs its payload (``weights_only=False`` was needed for the RNG and
+optimizer state). Nothing here ever unpickles; a directory holding only a ``state.pt`` (an
+older qlora's checkpoint) is refused with a message, never loaded.
+
+The directory is written into a temporary sibling and renamed into place
+(`qlora.files.staged_directory`); ``latest`` (a one-line file naming the newest directory, for
+people and scripts) is replaced atomically after that. A run killed at any instant - SIGKILL
+included - leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+from qlora.files import atomic_write, staged_directory
+from qlora.models.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
 
-_KEEP = 2  # checkpoints kept on disk (the newest ones)
+__all__ = [
+    "CHECKPOINT_FILES",
+    "CheckpointError",
+    "checkpoint_dirs",
+    "checkpoint_run_id",
+    "decode_state",
+    "encode_state",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "trainable_state",
+]
+
+FORMAT = "qlora-checkpoint/1"
+STATE_FILE, TENSOR_FILE = "state.json", "tensors.safetensors"
+CHECKPOINT_FILES = (STATE_FILE, TENSOR_FILE)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit this run; the message names it."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -42,47 +75,115 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(output_dir: Path, step: int, state: dict[str, Any]) -> Path:
-    """Write ``state`` as ``output_dir/checkpoint-<step>`` atomically; prune old ones."""
+# --- the state tree <-> (JSON, tensors) ------------------------------------------------------
+
+
+def encode_state(tree: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """``tree`` as JSON-able values; its tensors go into ``tensors`` under their tree path."""
+    if isinstance(tree, torch.Tensor):
+        tensors[path] = tree
+        return {"__tensor__": path}
+    if isinstance(tree, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in tree):
+            return {
+                k: encode_state(v, tensors, f"{path}/{k}" if path else k) for k, v in tree.items()
+            }
+        return {
+            "__items__": [[k, encode_state(v, tensors, f"{path}/{k}")] for k, v in tree.items()]
+        }
+    if isinstance(tree, tuple):
+        return {"__tuple__": [encode_state(v, tensors, f"{path}/{i}") for i, v in enumerate(tree)]}
+    if isinstance(tree, list):
+        return [encode_state(v, tensors, f"{path}/{i}") for i, v in enumerate(tree)]
+    if tree is None or isinstance(tree, bool | int | float | str):
+        return tree
+    raise TypeError(f"checkpoint state at {path!r}: cannot store a {type(tree).__name__}")
+
+
+def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `encode_state`; a reference to a missing tensor raises KeyError."""
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]]
+        if set(tree) == {"__tuple__"}:
+            return tuple(decode_state(v, tensors) for v in tree["__tuple__"])
+        if set(tree) == {"__items__"}:
+            return {_key(k): decode_state(v, tensors) for k, v in tree["__items__"]}
+        return {k: decode_state(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [decode_state(v, tensors) for v in tree]
+    return tree
+
+
+def _key(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
+
+
+# --- directories -----------------------------------------------------------------------------
+
+
+def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every ``checkpoint-<step>`` directory, oldest first."""
+    found = []
+    for path in output_dir.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and path.is_dir():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def save_checkpoint(output_dir: Path, step: int, state: dict[str, Any], run_id: str) -> Path:
+    """Write ``state`` as ``output_dir/checkpoint-<step>`` atomically; returns its path."""
+    tensors: dict[str, torch.Tensor] = {}
+    body = {"format": FORMAT, "run_id": run_id, "state": encode_state(state, tensors)}
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f"checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = output_dir / "latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, output_dir / "latest")
-    kept = sorted(
-        (p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    for old in kept[:-_KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    with staged_directory(final, last=(STATE_FILE,)) as staging:
+        write_safetensors(staging / TENSOR_FILE, tensors, {"format": "pt"})
+        atomic_write(staging / STATE_FILE, json.dumps(body) + "\n")
+    atomic_write(output_dir / "latest", final.name + "\n")
     return final
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint ``latest`` names, or None when there is none."""
-    pointer = output_dir / "latest"
-    if not pointer.is_file():
-        return None
-    path = output_dir / pointer.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run id recorded in checkpoint ``path`` (None when unreadable)."""
     try:
-        # mmap: tensors are read from the file as they are copied into place, so resuming
-        # does not hold a second copy of (possibly paged, large) optimizer state in memory
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=False, mmap=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise RuntimeError(
-            f"{path / 'state.pt'}: cannot read the checkpoint ({err}); delete it to resume "
-            "from the previous one"
+        body = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return body.get("run_id") if isinstance(body, dict) else None
+
+
+def load_checkpoint(path: Path) -> tuple[str, dict[str, Any]]:
+    """(run id, state) of checkpoint ``path``.
+
+    Raises:
+        CheckpointError: missing or malformed files, an older pickle checkpoint, a reference
+            to a tensor the file lacks; the message names the file and the problem.
+    """
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        if (path / "state.pt").is_file():
+            raise CheckpointError(
+                f"{path}: an older qlora's pickle checkpoint (state.pt); it is not loaded, "
+                "since unpickling can run code. Start a new run (another train.output_dir)"
+            )
+        raise CheckpointError(f"{path}: no {STATE_FILE}: not a complete checkpoint")
+    try:
+        body = json.loads(state_file.read_text())
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise ValueError(f"expected format {FORMAT!r}")
+        with SafetensorsReader(path / TENSOR_FILE) as reader:
+            # copies: the optimizer keeps and updates these tensors in place, and the
+            # reader's views are of a read-only map
+            tensors = {name: reader.get(name).clone() for name in reader.names()}
+        state = decode_state(body["state"], tensors)
+        for key in ("step", "epoch", "index"):
+            if not isinstance(state.get(key), int):
+                raise ValueError(f"{key!r} is missing or not an integer")
+    except SafetensorsError as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {err}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(
+            f"{state_file}: malformed checkpoint state ({type(err).__name__}: {err})"
         ) from None
+    return str(body.get("run_id", "")), state

@@ -11,16 +11,23 @@ the cursor is just (epoch, index) and a resumed run sees exactly the batches the
 one would have seen. With the RNG states, optimizer and scheduler restored too, the losses
 after ``resume=True`` equal those of an uninterrupted run.
 
-Nothing here is global state: everything lives in the call, so several runs (or ranks)
-can share a process. Only rank 0 writes files and shows progress.
+The state saved for step k is the state *between* steps k and k+1, RNG included (taken at
+the start of step k+1, before dropout draws from it). So Ctrl-C during the forward or
+backward of a step can still save the last completed step exactly; Ctrl-C during the update
+itself saves nothing (the parameters are half-updated) and points at the last checkpoint.
+
+The output directory is claimed first (`qlora.train.run_dir`): new, empty or this run's,
+locked for the run. Nothing here is global state: everything lives in the call, so several
+runs (or ranks) can share a process. Only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import random
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,10 +39,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qlora.config import TrainConfig
+from qlora.files import atomic_open, atomic_write
 from qlora.optim import build_optimizer
+from qlora.procinfo import peak_rss_bytes
 from qlora.train.allocator import limit_heap_retention
 from qlora.train.checkpoint import (
-    latest_checkpoint,
+    CheckpointError,
+    checkpoint_dirs,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -43,11 +53,13 @@ from qlora.train.checkpoint import (
     trainable_state,
 )
 from qlora.train.loss import IGNORE_INDEX, causal_lm_loss
+from qlora.train.run_dir import RunDirectory, claim_output_dir
 from qlora.train.schedule import lr_lambda
 
 __all__ = ["TrainResult", "TrainingError", "evaluate", "train"]
 
 Batch = dict[str, torch.Tensor]
+_KEEP = 2  # checkpoints of this run kept on disk (the newest ones)
 
 
 class TrainingError(RuntimeError):
@@ -120,19 +132,19 @@ def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+        return peak_rss_bytes() / 2**20
     except OSError:
-        pass
-    return float("nan")
+        return float("nan")
 
 
 def _is_main() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
         torch.distributed.get_rank() == 0
     )
+
+
+def _say(message: str) -> None:
+    print(f"qlora: {message}", file=sys.stderr, flush=True)
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
@@ -172,10 +184,317 @@ def _write_plot(history: list[dict[str, float]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+
+
+@dataclass
+class _Cursor:
+    """Where the run stands between two optimizer steps."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+
+
+class _Run:
+    """One call of `train`: its optimizer, schedule, cursor and files, in named stages."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_data: EpochBatches | Sequence[Batch],
+        eval_data: Sequence[Batch] | None,
+        run_dir: RunDirectory | None,
+        progress: bool,
+    ) -> None:
+        self.model, self.config, self.train_data = model, config, train_data
+        self.eval_data = eval_data
+        self.run_dir, self.main = run_dir, run_dir is not None
+        self.out = Path(config.output_dir)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainingError("the model has no trainable parameters: call qlora.add_lora first")
+        self.device = self.params[0].device
+        per_epoch = len(_batches(train_data, 0))
+        if per_epoch == 0:
+            raise TrainingError("the training data has no batches")
+        self.total_steps = config.max_steps or max(
+            1, int(config.epochs * per_epoch) // config.grad_accum
+        )
+        self.optimizer = build_optimizer(
+            config.optim,
+            self.params,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            page_bytes=config.optim_page_mb << 20,
+            state_dir=config.optim_dir or self.out / "optimizer-state",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(config.schedule, config.warmup_steps, self.total_steps)
+        )
+        self.cursor = _Cursor()
+        self.history: list[dict[str, float]] = []
+        self.progress = progress
+        self.saved_step = 0  # the newest step with a checkpoint on disk
+        self.boundary_rng: dict[str, Any] = {}
+
+    # -- resuming ---------------------------------------------------------------------------
+
+    def restore_newest(self) -> None:
+        """Load the newest readable checkpoint; skip (and say) unreadable ones."""
+        problems = []
+        for step, path in reversed(checkpoint_dirs(self.out)):
+            try:
+                run_id, state = load_checkpoint(path)
+            except CheckpointError as err:
+                problems.append(str(err))
+                if self.main:
+                    _say(f"skipping {path.name}: {err}")
+                continue
+            if self.run_dir is not None and run_id != self.run_dir.run_id:
+                _say(f"skipping {path.name}: written by another run than this directory's")
+                continue
+            self.restore(state, path)
+            if self.main:
+                _say(f"resuming from {path.name} (step {step} of {self.total_steps})")
+            return
+        if problems:
+            raise TrainingError(
+                f"--resume: no readable checkpoint in {self.out} ({len(problems)} unreadable; "
+                f"the newest: {problems[0]}); start a new run in another train.output_dir"
+            )
+        if self.main:
+            _say(f"--resume: no checkpoint in {self.out} yet; starting from step 0")
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        self._check_fits(state, path)
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                named[name].copy_(value)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise TrainingError(
+                f"{path}: the checkpoint's optimizer state does not load: {err}"
+            ) from None
+        self.cursor = _Cursor(state["step"], state["epoch"], state["index"])
+        self.saved_step = state["step"]
+        self.history = [h for h in state["history"] if h["step"] <= state["step"]]
+
+    def _check_fits(self, state: dict[str, Any], path: Path) -> None:
+        """The checkpoint must be of this model's adapters and this optimizer."""
+        saved = state.get("config", {}).get("optim")
+        if saved is not None and saved != self.config.optim:
+            raise TrainingError(
+                f"{path} was written with train.optim={saved}, this run has "
+                f"train.optim={self.config.optim}: resume with the optimizer the run started "
+                "with, or start a new run in another train.output_dir"
+            )
+        ours = {n: tuple(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+        theirs = {n: tuple(t.shape) for n, t in state["trainable"].items()}
+        missing, extra = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        if missing or extra:
+            name = (missing or extra)[0]
+            where = "the checkpoint has" if missing else "this model has"
+            raise TrainingError(
+                f"{path} does not fit this model: {where} trainable {name} and the other does "
+                f"not ({len(missing)} + {len(extra)} differ); lora.target_modules (or the base "
+                "model) changed since the checkpoint: resume with the run's config.yaml"
+            )
+        for name, shape in theirs.items():
+            if ours[name] != shape:
+                raise TrainingError(
+                    f"{path} does not fit this model: {name} is {list(shape)} in the checkpoint, "
+                    f"{list(ours[name])} here; lora.r (or the base model) changed since the "
+                    "checkpoint: resume with the run's config.yaml"
+                )
+
+    # -- one optimizer step -------------------------------------------------------------------
+
+    def compute(self, stream: Iterator[tuple]) -> tuple[list[tuple], float, int, int]:
+        """Forward and backward of one step's micro-batches: (micro, loss sum, count, tokens)."""
+        micro = [next(stream) for _ in range(self.config.grad_accum)]
+        count = sum(_labelled(b) for _, _, b in micro)
+        step_loss, tokens = 0.0, 0
+        for _, _, batch in micro:
+            loss, _ = _forward(self.model, batch, self.config.loss_chunk)
+            if not torch.isfinite(loss):
+                newest = checkpoint_dirs(self.out)
+                raise TrainingError(
+                    f"step {self.cursor.step + 1}: the loss is {float(loss.detach())}; stopped "
+                    f"before the update. Last good checkpoint: "
+                    f"{newest[-1][1] if newest else 'none'}. Lower train.lr, check the data, "
+                    "or use float32 compute"
+                )
+            (loss / max(count, 1)).backward()
+            step_loss += float(loss.detach())
+            tokens += int(batch["input_ids"].numel())
+        return micro, step_loss, count, tokens
+
+    def update(self, micro: list[tuple]) -> float:
+        """Clip, step the optimizer and the schedule; advance the cursor. Returns the norm."""
+        config = self.config
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
+            if config.max_grad_norm > 0
+            else float("nan")
+        )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.cursor = _Cursor(self.cursor.step + 1, micro[-1][0], micro[-1][1] + 1)
+        return grad_norm
+
+    # -- files --------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Checkpoint the state between the last step and the next (see the module docstring)."""
+        if self.run_dir is None or self.saved_step == self.cursor.step:
+            return
+        state = {
+            "trainable": trainable_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": self.boundary_rng,
+            "step": self.cursor.step,
+            "epoch": self.cursor.epoch,
+            "index": self.cursor.index,
+            "history": self.history,
+            "config": asdict(self.config),
+        }
+        save_checkpoint(self.out, self.cursor.step, state, self.run_dir.run_id)
+        self.saved_step = self.cursor.step
+        self.run_dir.prune(_KEEP)
+        if hasattr(self.optimizer, "release_pages"):  # saving read the paged state in
+            self.optimizer.release_pages()
+
+    def log(self, record: dict[str, float], board: Any = None) -> None:
+        self.history.append(record)
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if board is not None:
+            for key, value in record.items():
+                if key != "step":
+                    board.add_scalar(key, value, record["step"])
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self, resume: bool) -> TrainResult:
+        config = self.config
+        if resume:
+            self.restore_newest()
+        else:
+            random.seed(config.seed)
+            torch.manual_seed(config.seed)
+        if self.main:  # metrics.jsonl holds exactly the history up to the resumed step
+            atomic_write(
+                self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history)
+            )
+        if config.grad_ckpt:
+            _enable_checkpointing(self.model)
+        if self.device.type == "cpu" and config.malloc_mmap_kb > 0:
+            limit_heap_retention(config.malloc_mmap_kb)
+        self.model.train()
+        board = _tensorboard(self.out) if config.tensorboard and self.main else None
+        bar = tqdm(total=self.total_steps, initial=self.cursor.step, desc="train", unit="step",
+                   disable=not (self.progress and self.main))  # fmt: skip
+        try:
+            result = self._loop(bar, board)
+        finally:
+            bar.close()
+            if board is not None:
+                board.close()
+        return result
+
+    def _loop(self, bar: Any, board: Any) -> TrainResult:
+        config = self.config
+        stream = _stream(self.train_data, self.cursor.epoch, self.cursor.index)
+        start, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
+        eval_loss = None
+        while self.cursor.step < self.total_steps:
+            self.boundary_rng = rng_state()
+            phase = "compute"
+            try:
+                micro, step_loss, count, tokens = self.compute(stream)
+                phase = "update"
+                grad_norm = self.update(micro)
+                phase = "after"
+                tokens_seen += tokens
+                last_loss = step_loss / max(count, 1)
+                elapsed = time.perf_counter() - start
+                record = {
+                    "step": self.cursor.step,
+                    "loss": last_loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_seen / elapsed,
+                    "memory_mb": _memory_mb(self.device),
+                    "elapsed_s": elapsed,
+                }
+                step = self.cursor.step
+                if self.eval_data and config.eval_every and step % config.eval_every == 0:
+                    eval_loss = evaluate(self.model, self.eval_data, config.loss_chunk)
+                    record["eval_loss"] = eval_loss
+                self.log(record, board)
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                mem=f"{record['memory_mb']:.0f}MB", refresh=False)  # fmt: skip
+                bar.update()
+                if config.save_every and step % config.save_every == 0 and step < self.total_steps:
+                    self.boundary_rng = rng_state()
+                    self.save()
+            except KeyboardInterrupt:
+                self.interrupted(phase)
+        return self.finish(eval_loss, last_loss, time.perf_counter() - start, tokens_seen)
+
+    def interrupted(self, phase: str) -> None:
+        """Ctrl-C: save the last completed step if the state is whole, then say how to resume.
+
+        In "compute" the parameters are still those of the last completed step (the RNG
+        state of that boundary was taken before the forward); in "after" the step is
+        complete and the RNG has not been drawn from since; in "update" they are half
+        updated, so nothing is saved.
+        """
+        with contextlib.suppress(KeyboardInterrupt):
+            if phase != "update" and self.cursor.step > 0:
+                if phase == "after":
+                    self.boundary_rng = rng_state()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.save()
+        newest = checkpoint_dirs(self.out)
+        where = (
+            f"{newest[-1][1]} (step {newest[-1][0]}) is the newest checkpoint: run the same "
+            "command with --resume to continue from it"
+            if newest
+            else "no checkpoint was written: the next run starts from step 0"
+        )
+        when = (
+            f"after step {self.cursor.step}"
+            if phase == "after"
+            else f"during step {self.cursor.step + 1}"
+        )
+        raise TrainingError(f"interrupted {when}; {where}") from None
+
+    def finish(
+        self, eval_loss: float | None, last_loss: float, seconds: float, tokens: int
+    ) -> TrainResult:
+        config, step = self.config, self.cursor.step
+        if self.eval_data and (
+            eval_loss is None or not config.eval_every or step % config.eval_every
+        ):
+            eval_loss = evaluate(self.model, self.eval_data, config.loss_chunk)
+            self.log({"step": step, "eval_loss": eval_loss})
+        if self.main and self.history:
+            _write_plot(self.history, self.out / "loss.png")
+        if not math.isfinite(last_loss) and self.history:
+            last_loss = next((h["loss"] for h in reversed(self.history) if "loss" in h), last_loss)
+        return TrainResult(step, last_loss, eval_loss, seconds, tokens, self.out, self.history)
 
 
 def train(
@@ -185,7 +504,9 @@ def train(
     eval_data: Sequence[Batch] | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
+    run_dir: RunDirectory | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters (its adapters) on ``train_data``.
 
@@ -197,165 +518,26 @@ def train(
             optional ``attention_mask`` and ``position_ids``) as ``epoch(e) -> batches`` or a
             sequence used for every epoch.
         eval_data: batches for ``eval_every`` and the final evaluation.
-        resume: continue from the newest checkpoint in ``config.output_dir``.
+        resume: continue from the newest readable checkpoint in ``config.output_dir``.
+        overwrite: start over in a directory that holds an earlier run's outputs (its
+            checkpoints are deleted; nothing that is not a qlora run's is ever touched).
+        run_dir: the output directory, already claimed by the caller (`claim_output_dir`);
+            by default `train` claims ``config.output_dir`` itself for the call.
 
     Returns:
         A `TrainResult`; ``output_dir`` also holds metrics.jsonl, loss.png and checkpoints.
 
     Raises:
-        TrainingError: no trainable parameters, empty data, or a NaN/inf loss (training stops
-            before the bad update; the last good checkpoint is kept).
+        TrainingError: no trainable parameters, empty data, a NaN/inf loss (training stops
+            before the bad update; the last good checkpoint is kept), a checkpoint that does
+            not fit, or Ctrl-C (the message says how to resume).
+        OutputDirError: the output directory is not this run's to write (see `run_dir`).
     """
-    out = Path(config.output_dir)
-    main = _is_main()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("the model has no trainable parameters: call qlora.add_lora first")
-    device = params[0].device
-    per_epoch = len(_batches(train_data, 0))
-    if per_epoch == 0:
-        raise TrainingError("the training data has no batches")
-    total_steps = config.max_steps or max(1, int(config.epochs * per_epoch) // config.grad_accum)
-
-    optimizer = build_optimizer(
-        config.optim,
-        params,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        page_bytes=config.optim_page_mb << 20,
-        state_dir=config.optim_dir or out / "optimizer-state",
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.schedule, config.warmup_steps, total_steps)
-    )
-    step, epoch, index = 0, 0, 0
-    history: list[dict[str, float]] = []
-    metrics_path = out / "metrics.jsonl"
-    if resume and (found := latest_checkpoint(out)) is not None:
-        state = load_checkpoint(found)
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step, epoch, index = state["step"], state["epoch"], state["index"]
-        history = [h for h in state["history"] if h["step"] <= step]
-    else:
-        random.seed(config.seed)
-        torch.manual_seed(config.seed)
-    if main:  # metrics.jsonl holds exactly the history up to the resumed step
-        tmp = metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-        os.replace(tmp, metrics_path)
-    if config.grad_ckpt:
-        _enable_checkpointing(model)
-    if device.type == "cpu" and config.malloc_mmap_kb > 0:
-        limit_heap_retention(config.malloc_mmap_kb)
-    model.train()
-
-    board = _tensorboard(out) if config.tensorboard and main else None
-    stream = _stream(train_data, epoch, index)
-    bar = tqdm(
-        total=total_steps, initial=step, desc="train", unit="step", disable=not (progress and main)
-    )
-    start, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
-    eval_loss = None
-    while step < total_steps:
-        micro = [next(stream) for _ in range(config.grad_accum)]
-        count = sum(_labelled(b) for _, _, b in micro)
-        step_loss = 0.0
-        for _, _, batch in micro:
-            loss, _ = _forward(model, batch, config.loss_chunk)
-            if not torch.isfinite(loss):
-                saved = latest_checkpoint(out)
-                raise TrainingError(
-                    f"step {step + 1}: the loss is {float(loss.detach())}; stopped before the "
-                    f"update. Last good checkpoint: {saved or 'none'}. Lower train.lr, check "
-                    "the data, or use float32 compute"
-                )
-            (loss / max(count, 1)).backward()
-            step_loss += float(loss.detach())
-            tokens_seen += int(batch["input_ids"].numel())
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            if config.max_grad_norm > 0
-            else float("nan")
-        )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        epoch, index = micro[-1][0], micro[-1][1] + 1
-        last_loss = step_loss / max(count, 1)
-        elapsed = time.perf_counter() - start
-        record = {
-            "step": step,
-            "loss": last_loss,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens_seen / elapsed,
-            "memory_mb": _memory_mb(device),
-            "elapsed_s": elapsed,
-        }
-        if eval_data and config.eval_every and step % config.eval_every == 0:
-            eval_loss = evaluate(model, eval_data, config.loss_chunk)
-            record["eval_loss"] = eval_loss
-        history.append(record)
-        if board is not None:
-            for key, value in record.items():
-                if key != "step":
-                    board.add_scalar(key, value, step)
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(
-                loss=f"{last_loss:.4f}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-                mem=f"{record['memory_mb']:.0f}MB",
-                refresh=False,
-            )
-            bar.update()
-            if config.save_every and step % config.save_every == 0 and step < total_steps:
-                save_checkpoint(
-                    out,
-                    step,
-                    {
-                        "trainable": trainable_state(model),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(),
-                        "step": step,
-                        "epoch": epoch,
-                        "index": index,
-                        "history": history,
-                        "config": asdict(config),
-                    },
-                )
-                if hasattr(optimizer, "release_pages"):  # saving read the paged state in
-                    optimizer.release_pages()
-    bar.close()
-    if board is not None:
-        board.close()
-    if eval_data and (eval_loss is None or not config.eval_every or step % config.eval_every):
-        eval_loss = evaluate(model, eval_data, config.loss_chunk)
-        history.append({"step": step, "eval_loss": eval_loss})
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
-    if main and history:
-        _write_plot(history, out / "loss.png")
-    if not math.isfinite(last_loss) and history:
-        last_loss = next((h["loss"] for h in reversed(history) if "loss" in h), last_loss)
-    return TrainResult(
-        steps=step,
-        train_loss=last_loss,
-        eval_loss=eval_loss,
-        seconds=time.perf_counter() - start,
-        tokens=tokens_seen,
-        output_dir=out,
-        history=history,
-    )
+    owned = None
+    if run_dir is None and _is_main():
+        owned = run_dir = claim_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
+    try:
+        return _Run(model, config, train_data, eval_data, run_dir, progress).run(resume)
+    finally:
+        if owned is not None:
+            owned.release()
