@@ -225,7 +225,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from qlora import models
     from qlora.models.destination import check_output_directory
 
-    check_output_directory(args.output, args.overwrite)  # refuse now, not after loading
+    check_output_directory(args.output, args.overwrite, [args.source])  # before loading
     model, tok = models.load_model(
         args.source,
         quant=args.quant,
@@ -248,7 +248,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     if not args.adapter:
         raise ValueError("give the adapter to merge with --adapter DIR")
-    check_output_directory(args.output, args.overwrite)  # refuse now, not after loading
+    check_output_directory(args.output, args.overwrite, [args.model])  # before loading
     model, tok = _load(args)
     ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     report = adapters.export_merged(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
@@ -74,8 +75,13 @@ def source_directories(model: nn.Module) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def check_output_directory(directory: str | os.PathLike, overwrite: bool) -> None:
+def check_output_directory(
+    directory: str | os.PathLike, overwrite: bool, sources: Sequence[str | os.PathLike] = ()
+) -> None:
     """The destination checks that need no model - cheap, so a CLI runs them before loading.
+
+    ``sources``: the model paths the command will read (refused as a destination, overwrite
+    or not; `check_model_destination` checks again with what the loader recorded).
 
     Refused: a non-empty directory (unless ``overwrite``), and weights or adapters that
     would stay beside the new model (always; `save_quantized` / `export_merged` check
@@ -84,6 +90,7 @@ def check_output_directory(directory: str | os.PathLike, overwrite: bool) -> Non
     Raises:
         qlora.files.DestinationError: naming the directory and the way out.
     """
+    refuse_source(directory, [s for s in sources if Path(s).is_dir()], "the base model")
     check_destination(directory, overwrite=overwrite)
     check_stale(directory, _WRITES, WEIGHT_FILES)
 
