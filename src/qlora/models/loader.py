@@ -648,8 +648,8 @@ def load_model(
             (no fast bf16 there) and bfloat16 on CUDA.
         target_modules: Linear layers to quantize ("all-linear", the default: all but the
             output head).
-        device: where the model is built ("auto": CUDA when available; default "auto");
-            tensors go there as they are read.
+        device: where the model is built ("cpu" by default; "auto": CUDA when available;
+            a `ModelConfig`'s own default is "auto"); tensors go there as they are read.
         trust_remote_code: run the model folder's own Python (``auto_map``) if it has any.
             Default False: such a model is refused with an error naming the directory.
         tokenizer: also load the tokenizer (returns None in its place when False).

@@ -136,7 +136,7 @@ def claim_output_dir(
         if foreign:
             raise OutputDirError(
                 f"{path} already holds files that are not a qlora run's ({_names(foreign)}); "
-                "train.output_dir must be a new or empty directory (or an earlier run's)"
+                "choose a new or empty output directory (or an earlier run's)"
             )
     path.mkdir(parents=True, exist_ok=True)
     lock = _take_lock(path)
