@@ -3,7 +3,7 @@ the layers below it, so a lower box never depends on a higher one and there are 
 
     kernels, files, procinfo, dtypes, resources   (import no other qlora package)
     quant -> optim -> config -> nn, data -> models, memory -> adapters -> train
-    -> recipe, generate -> demo -> cli and the package's public API (qlora/__init__.py)
+    -> recipe, generate, export -> demo -> cli and the package's public API (qlora/__init__.py)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"models", "memory"},
     {"adapters"},
     {"train"},
-    {"recipe", "generate"},
+    {"recipe", "generate", "export"},
     {"demo"},
     {"cli", "__init__", "__main__"},
 ]

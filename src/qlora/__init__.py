@@ -50,6 +50,7 @@ __all__ = [
     "dequantize",
     "disable_adapters",
     "evaluate",
+    "export_gguf",
     "export_merged",
     "load_adapter",
     "load_model",
@@ -61,3 +62,12 @@ __all__ = [
     "train",
     "trainable_report",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # qlora.export imports the gguf package (~0.15 s): only when export_gguf is asked for
+    if name == "export_gguf":
+        from qlora.export import export_gguf
+
+        return export_gguf
+    raise AttributeError(f"module 'qlora' has no attribute {name!r}")

@@ -17,6 +17,7 @@ import platform
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 __all__ = ["build_parser", "main"]
@@ -312,6 +313,80 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_model() -> str:
+    from qlora.config import ModelConfig
+
+    return ModelConfig.source
+
+
+def _check_modelfile(args: argparse.Namespace) -> None:
+    """With --ollama, an existing Modelfile is refused before anything is written."""
+    from qlora.export.ollama import MODELFILE_NAME
+    from qlora.files import DestinationError
+
+    modelfile = Path(args.output).absolute().parent / MODELFILE_NAME
+    if args.ollama and modelfile.exists() and not args.overwrite:
+        raise DestinationError(f"{modelfile} exists; pass --overwrite to replace it")
+
+
+def _export(args: argparse.Namespace) -> int:
+    """A merged model (``gguf``) or a LoRA adapter (``gguf-adapter``) as a llama.cpp GGUF."""
+    _check_modelfile(args)
+    if args.format == "gguf-adapter":
+        return _export_adapter(args)
+    from qlora.export.gguf_model import check_gguf_destination, export_gguf
+
+    check_gguf_destination(args.output, args.overwrite)  # before loading
+    _check_architecture(args.model)
+    # The base the adapter was trained against (QLoRA: nf4); without one, nothing to match.
+    args.quant = getattr(args, "quant", "nf4" if args.adapter else _NONE)
+    args.model = args.model or _default_model()
+    model, tok = _load(args)
+    path = export_gguf(model, args.output, tok, type=args.type, overwrite=args.overwrite)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    if args.ollama:
+        from qlora.export.ollama import write_modelfile
+
+        print(f"wrote {write_modelfile(path, tokenizer=tok, overwrite=args.overwrite)}")
+    return 0
+
+
+def _check_architecture(source: str | None) -> None:
+    """An HF directory's unsupported architecture is an error before the model loads."""
+    import json
+
+    from qlora.export.gguf_names import gguf_arch
+
+    config = Path(source or "") / "config.json"
+    if source and config.is_file():
+        fields = json.loads(config.read_text())
+        gguf_arch(argparse.Namespace(**{k: fields.get(k) for k in ("architectures", "model_type")}))
+
+
+def _export_adapter(args: argparse.Namespace) -> int:
+    from qlora.export.gguf_adapter import export_adapter_gguf
+
+    if len(args.adapter) != 1:
+        raise ValueError("--format gguf-adapter exports one adapter: give --adapter DIR once")
+    path = export_adapter_gguf(
+        args.adapter[0], args.output, model=args.model, overwrite=args.overwrite
+    )
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+    if args.ollama:
+        from qlora.export.ollama import write_modelfile
+        from qlora.models.registry import registered_path
+
+        name = args.model or _default_model()
+        base = registered_path(name) or Path(name)
+        if base.suffix != ".gguf" or not base.is_file():
+            raise ValueError(
+                f"--ollama needs the base as a GGUF file for FROM; {name!r} is not one: pass "
+                "--model BASE.gguf (or export the base with --format gguf)"
+            )
+        print(f"wrote {write_modelfile(base, adapter_gguf=path, overwrite=args.overwrite)}")
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------------------
 
 
@@ -404,6 +479,58 @@ def _add_inference(commands: Any) -> None:
     merge.set_defaults(handler=_merge)
 
 
+def _add_export(commands: Any) -> None:
+    from qlora.config import QuantConfig
+    from qlora.export.gguf_model import GGUF_TYPES
+
+    ex = commands.add_parser(
+        "export",
+        help="write a GGUF for llama.cpp / Ollama: the merged model or the LoRA adapter",
+        description="--format gguf: load the base as the adapter was trained (--quant), fold "
+        "each --adapter into the weights it saw and write one .gguf with the tokenizer and "
+        "chat template. --format gguf-adapter: the adapter alone, for llama.cpp's --lora.",
+    )
+    ex.add_argument("output", help="the .gguf file to write")
+    ex.add_argument(
+        "--format",
+        choices=["gguf", "gguf-adapter"],
+        default="gguf",
+        help=("gguf: the merged model; gguf-adapter: the LoRA adapter (default: %(default)s)"),
+    )
+    ex.add_argument(
+        "--model",
+        default=None,
+        help=(
+            "the base: a registered name, HF directory or .gguf file (default: "
+            f"{_default_model()}; "
+            "gguf-adapter: the adapter's base_model_name_or_path)"
+        ),
+    )
+    ex.add_argument("--adapter", action="append", default=[], help="a LoRA adapter directory")
+    ex.add_argument(
+        "--type",
+        choices=list(GGUF_TYPES),
+        default="f16",
+        help=("type of the 2-D weights; norms stay f32 (default: %(default)s)"),
+    )
+    _field_option(
+        ex,
+        "--quant",
+        QuantConfig,
+        "kind",
+        default=argparse.SUPPRESS,
+        help=(
+            "quantization of the base the adapter was trained against (default: nf4 with "
+            "--adapter, none without)"
+        ),
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT file")
+    ex.add_argument(
+        "--ollama", action="store_true", help="also write an Ollama Modelfile beside it"
+    )
+    ex.set_defaults(handler=_export)
+
+
 def _add_training(commands: Any) -> None:
     from qlora.config import DataConfig, TrainConfig
 
@@ -460,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_estimate(commands)
     _add_inference(commands)
     _add_training(commands)
+    _add_export(commands)
     return parser
 
 

@@ -39,7 +39,16 @@ from qlora.models.safetensors_io import write_safetensors
 from qlora.nn.lora import LoRALinear, base_weight_dtype, merged_weight
 from qlora.nn.qlinear import QuantLinear
 
-__all__ = ["ExportError", "ExportReport", "export_merged", "measure_drift", "merged_state_dict"]
+__all__ = [
+    "ExportError",
+    "ExportReport",
+    "MergePlan",
+    "MergedTensor",
+    "export_merged",
+    "measure_drift",
+    "merge_plan",
+    "merged_state_dict",
+]
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -49,7 +58,7 @@ class ExportError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Entry:
+class MergedTensor:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -57,8 +66,8 @@ class _Entry:
 
 
 @dataclass
-class _Plan:
-    entries: list[_Entry]
+class MergePlan:
+    entries: list[MergedTensor]
     merged_layers: int
     dequantized_layers: int
     untie: bool  # the output head got its own merged weight while the config ties it
@@ -114,7 +123,7 @@ def _names(model: nn.Module, adapter: str | Iterable[str] | None) -> list[str] |
 
 def _layer_entries(
     prefix: str, module: nn.Module, names: list[str] | None, dtype: torch.dtype | None
-) -> list[_Entry]:
+) -> list[MergedTensor]:
     if isinstance(module, LoRALinear):
         base = _base_of(module)
         wanted = None if names is None else [n for n in names if n in module.lora_A]
@@ -131,12 +140,14 @@ def _layer_entries(
         def weight() -> torch.Tensor:
             return module.dequantized_weight(torch.float32).to(target)  # [out, in]
 
-    entries = [_Entry(f"{prefix}.weight", target, (base.out_features, base.in_features), weight)]
+    entries = [
+        MergedTensor(f"{prefix}.weight", target, (base.out_features, base.in_features), weight)
+    ]
     bias = base.bias
     if bias is not None:
         bias_dtype = dtype or bias.dtype
         entries.append(
-            _Entry(
+            MergedTensor(
                 f"{prefix}.bias",
                 bias_dtype,
                 tuple(bias.shape),
@@ -146,16 +157,16 @@ def _layer_entries(
     return entries
 
 
-def _plan(
+def merge_plan(
     model: nn.Module, adapter: str | Iterable[str] | None, dtype: torch.dtype | None
-) -> _Plan:
+) -> MergePlan:
     """Every tensor of the merged checkpoint, in state-dict order, computed lazily."""
     names = _names(model, adapter)
     special: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear | QuantLinear) and _owner(name + ".x", special) is None:
             special[name] = module
-    entries: list[_Entry] = []
+    entries: list[MergedTensor] = []
     seen: dict[int, str] = {}
     emitted: set[str] = set()
     for key, tensor in model.state_dict(keep_vars=True).items():
@@ -170,12 +181,14 @@ def _plan(
         seen[id(tensor)] = key
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         entries.append(
-            _Entry(key, target, tuple(tensor.shape), lambda t=tensor, d=target: t.detach().to(d))
+            MergedTensor(
+                key, target, tuple(tensor.shape), lambda t=tensor, d=target: t.detach().to(d)
+            )
         )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     untie = bool(getattr(config, "tie_word_embeddings", False)) and isinstance(head, LoRALinear)
-    return _Plan(
+    return MergePlan(
         entries=entries,
         merged_layers=sum(isinstance(m, LoRALinear) for m in special.values()),
         dequantized_layers=sum(
@@ -205,10 +218,10 @@ def merged_state_dict(
     Returns:
         Keys as in the plain model's checkpoint (``...q_proj.weight``), tied weights once.
     """
-    return {e.name: e.make() for e in _plan(model, adapter, dtype).entries}
+    return {e.name: e.make() for e in merge_plan(model, adapter, dtype).entries}
 
 
-def _config(model: nn.Module, plan: _Plan) -> Any:
+def _config(model: nn.Module, plan: MergePlan) -> Any:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # the export is full precision
@@ -272,7 +285,7 @@ def export_merged(
         raise ExportError(
             f"{type(model).__name__} has no .config; export needs a transformers model"
         )
-    plan = _plan(model, adapter, dtype)
+    plan = merge_plan(model, adapter, dtype)
     check_model_destination(directory, model, overwrite, "the base model")
     config = _config(model, plan)
     nbytes = sum(int(torch.Size(e.shape).numel()) * e.dtype.itemsize for e in plan.entries)

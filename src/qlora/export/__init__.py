@@ -1,0 +1,18 @@
+"""Export to GGUF for llama.cpp and Ollama (layer 8 in docs/architecture.md).
+
+`export_gguf` writes a model with its adapters merged as one ``.gguf`` file;
+`qlora.export.gguf_names` holds the HF -> llama.cpp tensor names and the q/k permutation
+that every GGUF writer here shares.
+"""
+
+from qlora.export.gguf_model import GGUF_TYPES, GGUFExportError, export_gguf
+from qlora.export.gguf_names import UnsupportedArchitectureError
+from qlora.export.tokenizer_meta import TokenizerError
+
+__all__ = [
+    "GGUF_TYPES",
+    "GGUFExportError",
+    "TokenizerError",
+    "UnsupportedArchitectureError",
+    "export_gguf",
+]
