@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import inspect
+import os
 import platform
 import sys
 import typing
@@ -329,21 +330,47 @@ def _check_modelfile(args: argparse.Namespace) -> None:
         raise DestinationError(f"{modelfile} exists; pass --overwrite to replace it")
 
 
+def _fidelity_fits(model: Any) -> bool:
+    """Whether the report's float32 copy of the model (4 bytes/parameter) fits in half of the
+    memory available now; if not, say so and skip it (a 7B export must not need 28 GB)."""
+    from qlora.nn import QuantLinear
+
+    packed = sum(m.quant_state.numel for m in model.modules() if isinstance(m, QuantLinear))
+    need = 4 * (sum(p.numel() for p in model.parameters()) + packed)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need <= available // 2:
+        return True
+    print(
+        f"fidelity report skipped: its float32 copy of the model needs {need / 2**30:.1f} GiB, "
+        f"{available / 2**30:.1f} GiB are available (--no-fidelity silences this)",
+        file=sys.stderr,
+    )
+    return False
+
+
 def _export(args: argparse.Namespace) -> int:
     """A merged model (``gguf``) or a LoRA adapter (``gguf-adapter``) as a llama.cpp GGUF."""
     _check_modelfile(args)
     if args.format == "gguf-adapter":
         return _export_adapter(args)
+    from qlora.export.fidelity import fidelity_path, read_fidelity_report
     from qlora.export.gguf_model import check_gguf_destination, export_gguf
 
     check_gguf_destination(args.output, args.overwrite)  # before loading
+    if args.fidelity:
+        check_gguf_destination(fidelity_path(args.output), args.overwrite)
     _check_architecture(args.model)
     # The base the adapter was trained against (QLoRA: nf4); without one, nothing to match.
     args.quant = getattr(args, "quant", "nf4" if args.adapter else _NONE)
     args.model = args.model or _default_model()
     model, tok = _load(args)
-    path = export_gguf(model, args.output, tok, type=args.type, overwrite=args.overwrite)
+    fidelity = args.fidelity and _fidelity_fits(model)
+    path = export_gguf(
+        model, args.output, tok, type=args.type, overwrite=args.overwrite, fidelity=fidelity
+    )
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    if fidelity:
+        print(f"{read_fidelity_report(path)} (wrote {fidelity_path(path)})")
     if args.ollama:
         from qlora.export.ollama import write_modelfile
 
@@ -525,6 +552,15 @@ def _add_export(commands: Any) -> None:
         ),
     )
     ex.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT file")
+    ex.add_argument(
+        "--no-fidelity",
+        dest="fidelity",
+        action="store_false",
+        help=(
+            "gguf: skip the fidelity report (the file read back vs our forward on held-out "
+            "text, written as OUTPUT.fidelity.json; needs a float32 copy of the model)"
+        ),
+    )
     ex.add_argument(
         "--ollama", action="store_true", help="also write an Ollama Modelfile beside it"
     )

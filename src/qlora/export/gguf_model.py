@@ -33,6 +33,7 @@ from gguf.gguf_writer import WriterState
 from torch import nn
 
 from qlora.adapters.merge import merge_plan
+from qlora.export.fidelity import fidelity_path, fidelity_report, write_fidelity_report
 from qlora.export.gguf_names import GGUFArch, gguf_arch, gguf_tensor_name, permute_qk, qk_heads
 from qlora.export.tokenizer_meta import add_tokenizer, tokenizer_meta
 from qlora.files import DestinationError, atomic_open
@@ -249,6 +250,7 @@ def export_gguf(
     type: str = "f16",
     overwrite: bool = False,
     progress: bool = True,
+    fidelity: bool = False,
 ) -> Path:
     """Write ``model`` with its active adapters merged as one llama.cpp GGUF file.
 
@@ -265,6 +267,11 @@ def export_gguf(
         type: the 2-D weights' type, one of `GGUF_TYPES` (norms and 1-D tensors stay F32).
         overwrite: replace an existing file at ``out_path``.
         progress: show a progress bar over the tensors.
+        fidelity: after writing, compare the file with ``model``'s own forward on held-out
+            text (`qlora.export.fidelity.fidelity_report`: top-1 agreement, mean KL, max
+            |Δlogit|) and write the report beside it as ``<out_path>.fidelity.json``
+            (`qlora.export.fidelity.read_fidelity_report` reads it back). Costs a float32
+            copy of the model (4 bytes/parameter) and a few forward passes.
 
     Returns:
         ``out_path`` as a Path.
@@ -274,8 +281,8 @@ def export_gguf(
             and Mistral) or linear (Qwen2), or no ``model.config``.
         qlora.export.gguf_names.UnsupportedArchitectureError: not one of the architectures.
         qlora.export.tokenizer_meta.TokenizerError: a tokenizer that cannot be written.
-        qlora.files.DestinationError: ``out_path`` exists (without ``overwrite``), is a
-            directory.
+        qlora.files.DestinationError: ``out_path`` (or, with ``fidelity``, its report)
+            exists (without ``overwrite``), is a directory.
     """
     if type not in GGUF_TYPES:
         raise GGUFExportError(f"unknown GGUF type {type!r}; choose one of {', '.join(GGUF_TYPES)}")
@@ -285,6 +292,8 @@ def export_gguf(
     arch = gguf_arch(model)
     _check_rope_scaling(model.config, arch)
     check_gguf_destination(path, overwrite)
+    if fidelity:
+        check_gguf_destination(fidelity_path(path), overwrite)
     wanted, file_type = GGUF_TYPES[type]
     tensors = gguf_tensors(model, arch, wanted)
     vocab_rows = next(t.shape[0] for t in tensors if t.name == "token_embd.weight")
@@ -310,4 +319,6 @@ def export_gguf(
         for t in _progress(tensors, progress, path):
             writer.write_tensor_data(_array(t))
         writer.fout = None  # atomic_open closes, fsyncs and renames the file
+    if fidelity:
+        write_fidelity_report(fidelity_report(model, tokenizer, path))
     return path

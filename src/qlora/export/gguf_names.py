@@ -18,6 +18,7 @@ rope (halves, like HF), so it is not permuted.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ __all__ = [
     "gguf_tensor_name",
     "permute_qk",
     "qk_heads",
+    "tensor_name_map",
     "unpermute_qk",
 ]
 
@@ -108,6 +110,13 @@ _SUFFIX = re.compile(r"\.(weight|bias)$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
+@functools.cache
+def tensor_name_map(arch: GGUFArch, n_layers: int) -> gguf.TensorNameMap:
+    """The gguf package's HF -> llama.cpp name table (built once per architecture and depth:
+    building it costs ~20 ms, and an export looks up every tensor)."""
+    return gguf.TensorNameMap(arch.model_arch, n_layers)
+
+
 def gguf_tensor_name(hf_name: str, arch: GGUFArch, n_layers: int) -> str:
     """llama.cpp's name for a HF tensor or module name.
 
@@ -119,7 +128,7 @@ def gguf_tensor_name(hf_name: str, arch: GGUFArch, n_layers: int) -> str:
     Raises:
         UnsupportedArchitectureError: a tensor the architecture's GGUF has no place for.
     """
-    names = gguf.TensorNameMap(arch.model_arch, n_layers)
+    names = tensor_name_map(arch, n_layers)
     suffix = _SUFFIX.search(hf_name)
     base = hf_name[: suffix.start()] if suffix else hf_name
     mapped = names.get_name(base)
