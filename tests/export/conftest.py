@@ -1,10 +1,13 @@
-"""A tiny byte-level BPE tokenizer with a chat template, for the tiny random models."""
+"""Tiny tokenizers with a chat template, and a tiny random Llama saved as a HF directory."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.tiny_models import tiny_llama
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -82,3 +85,13 @@ def tiny_spm_tokenizer() -> Any:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama and its tokenizer saved as a Hugging Face directory."""
+    directory = tmp_path_factory.mktemp("tiny")
+    tok = tiny_tokenizer()
+    tiny_llama(seed=0, vocab=len(tok)).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory

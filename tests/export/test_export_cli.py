@@ -12,16 +12,6 @@ import transformers
 
 from qlora.cli import main
 from tests.export.conftest import tiny_tokenizer
-from tests.tiny_models import tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(seed=0, vocab=len(tokenizer)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def _error(capsys: pytest.CaptureFixture[str]) -> str:

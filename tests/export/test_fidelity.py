@@ -24,7 +24,6 @@ from qlora.export.gguf_model import export_gguf
 from qlora.files import DestinationError
 from qlora.nn import add_lora, lora_layers, quantize_model
 from tests.adapters.helpers import randomize
-from tests.export.conftest import tiny_tokenizer
 from tests.tiny_models import tiny_llama
 
 KEYS = {"path", "type", "texts", "positions", "top1", "mean_kl", "max_logit_diff"}
@@ -107,15 +106,6 @@ def test_given_texts_and_a_foreign_file(tmp_path: Path, tokenizer: Any) -> None:
     other = tiny_llama(seed=0, vocab=len(tokenizer), hidden=32, intermediate=64)
     with pytest.raises(FidelityError, match=r"model\.embed_tokens\.weight is \(\d+, 64\) in the"):
         fidelity_report(other, tokenizer, path)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    tok = tiny_tokenizer()
-    tiny_llama(seed=0, vocab=len(tok)).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
 
 
 def test_cli_prints_the_report(tiny_dir: Path, tmp_path: Path, capsys: Any) -> None:
