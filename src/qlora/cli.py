@@ -323,11 +323,11 @@ def _default_model() -> str:
 def _check_modelfile(args: argparse.Namespace) -> None:
     """With --ollama, an existing Modelfile is refused before anything is written."""
     from qlora.export.ollama import MODELFILE_NAME
-    from qlora.files import DestinationError
+    from qlora.files import check_file_destination
 
-    modelfile = Path(args.output).absolute().parent / MODELFILE_NAME
-    if args.ollama and modelfile.exists() and not args.overwrite:
-        raise DestinationError(f"{modelfile} exists; pass --overwrite to replace it")
+    if args.ollama:
+        modelfile = Path(args.output).absolute().parent / MODELFILE_NAME
+        check_file_destination(modelfile, overwrite=args.overwrite)
 
 
 def _fidelity_fits(model: Any) -> bool:

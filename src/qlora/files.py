@@ -35,8 +35,10 @@ __all__ = [
     "atomic_open",
     "atomic_write",
     "check_destination",
+    "check_file_destination",
     "check_stale",
     "current_umask",
+    "name_listing",
     "refuse_source",
     "staged_directory",
 ]
@@ -106,11 +108,28 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     return Path(path)
 
 
-def _listing(names: Iterable[str], limit: int = 4) -> str:
+def name_listing(names: Iterable[str], limit: int = 4) -> str:
     """A few names for a one-line message (a name with a newline in it is quoted)."""
     names = sorted(n if n.isprintable() else repr(n) for n in names)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def check_file_destination(path: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuse to write the single file ``path`` where a directory stands, or over an existing
+    file without ``overwrite`` (the file is then replaced atomically by the caller).
+
+    Raises:
+        DestinationError: the one-line reason and the way out.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DestinationError(f"{path} is a directory; give the path of the file to write")
+    if path.exists() and not overwrite:
+        raise DestinationError(
+            f"{path} exists; choose another path, or pass --overwrite (overwrite=True) to "
+            "replace it"
+        )
 
 
 def check_destination(
@@ -135,7 +154,7 @@ def check_destination(
     foreign = [p.name for p in path.iterdir() if p.name not in ours and not _is_staging(p)]
     if foreign:
         raise DestinationError(
-            f"{path} is not empty (it holds {_listing(foreign)}); choose a new directory, or "
+            f"{path} is not empty (it holds {name_listing(foreign)}); choose a new directory, or "
             "pass --overwrite (overwrite=True) to replace only the files this writes and "
             "keep all others"
         )
@@ -206,14 +225,14 @@ def check_stale(
     ]
     if stale:
         raise DestinationError(
-            f"{path} holds {_listing(stale)}, which would be loaded with (or instead of) the "
+            f"{path} holds {name_listing(stale)}, which would be loaded with (or instead of) the "
             "files written now; they may be yours, so nothing is deleted: remove them or "
             "choose a new directory"
         )
     blocking = [n for n in written if n in present and present[n].is_dir()]
     if blocking:
         raise DestinationError(
-            f"{path} has a directory named {_listing(blocking)} where a file is to be "
+            f"{path} has a directory named {name_listing(blocking)} where a file is to be "
             "written; move it or choose a new directory"
         )
 

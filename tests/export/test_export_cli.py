@@ -108,5 +108,5 @@ def test_existing_modelfile_is_refused_before_writing(tmp_path: Path, capsys: An
     (tmp_path / "Modelfile").write_text("mine")
     out = tmp_path / "m.gguf"
     assert main(["export", str(out), "--model", str(tmp_path / "missing"), "--ollama"]) == 2
-    assert "Modelfile exists; pass --overwrite" in _error(capsys)
+    assert "Modelfile exists; choose another path, or pass --overwrite" in _error(capsys)
     assert not out.exists()

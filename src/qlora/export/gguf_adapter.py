@@ -57,7 +57,7 @@ from qlora.export.gguf_names import (
     permute_qk,
     qk_heads,
 )
-from qlora.files import DestinationError, atomic_open
+from qlora.files import DestinationError, atomic_open, check_file_destination
 
 __all__ = [
     "AdapterTensor",
@@ -248,12 +248,7 @@ def gguf_adapter_tensors(
 
 def _check_out(out_path: Path, adapter_dir: Path, overwrite: bool) -> None:
     """Refuse before any work: a directory, an existing file without overwrite."""
-    if out_path.is_dir():
-        raise DestinationError(f"{out_path} is a directory; give the .gguf file to write")
-    if out_path.exists() and not overwrite:
-        raise DestinationError(
-            f"{out_path} exists; choose another file or pass --overwrite (overwrite=True)"
-        )
+    check_file_destination(out_path, overwrite=overwrite)
     inputs = {(adapter_dir / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME)}
     if out_path.resolve() in inputs:  # even with overwrite: it would destroy the input
         raise DestinationError(f"{out_path} is a file of the adapter being exported")

@@ -36,7 +36,7 @@ from qlora.adapters.merge import merge_plan
 from qlora.export.fidelity import fidelity_path, fidelity_report, write_fidelity_report
 from qlora.export.gguf_names import GGUFArch, gguf_arch, gguf_tensor_name, permute_qk, qk_heads
 from qlora.export.tokenizer_meta import add_tokenizer, tokenizer_meta
-from qlora.files import DestinationError, atomic_open
+from qlora.files import atomic_open, check_file_destination
 
 __all__ = [
     "GGUF_TYPES",
@@ -216,14 +216,7 @@ def check_gguf_destination(path: str | os.PathLike, overwrite: bool) -> None:
     Raises:
         qlora.files.DestinationError: the one-line reason and the way out.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise DestinationError(f"{path} is a directory; give the .gguf file's path")
-    if path.exists() and not overwrite:
-        raise DestinationError(
-            f"{path} exists; choose another path, or pass --overwrite (overwrite=True) to "
-            "replace it"
-        )
+    check_file_destination(path, overwrite=overwrite)
 
 
 def _array(tensor: GGUFTensor) -> np.ndarray:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora.adapters.merge import ExportError
-from qlora.files import DestinationError, atomic_write
+from qlora.files import atomic_write, check_file_destination
 
 __all__ = ["MODELFILE_NAME", "ChatML", "chatml_of", "modelfile_text", "write_modelfile"]
 
@@ -238,8 +238,7 @@ def write_modelfile(
         if path is not None and not Path(path).is_file():
             raise ExportError(f"{path} is not a file; export the GGUF before its Modelfile")
     out = _modelfile_path(gguf_path, adapter_gguf)
-    if out.exists() and not overwrite:
-        raise DestinationError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    check_file_destination(out, overwrite=overwrite)
     return atomic_write(
         out, modelfile_text(gguf_path, adapter_gguf=adapter_gguf, tokenizer=tokenizer)
     )

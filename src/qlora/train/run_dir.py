@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from qlora.files import atomic_write
+from qlora.files import atomic_write, name_listing
 from qlora.train.checkpoint import CHECKPOINT_FILES, checkpoint_dirs, checkpoint_run_id
 
 __all__ = ["LOCK_FILE", "MARKER_FILE", "OutputDirError", "RunDirectory", "claim_output_dir"]
@@ -72,11 +72,6 @@ class RunDirectory:
         for _, path in self.own_checkpoints()[:-keep]:
             if {p.name for p in path.iterdir()} <= set(CHECKPOINT_FILES):
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def _names(entries: list[str], limit: int = 4) -> str:
-    shown = ", ".join(sorted(entries)[:limit])
-    return shown + (f", ... ({len(entries)} in all)" if len(entries) > limit else "")
 
 
 def _take_lock(path: Path) -> IO[Any]:
@@ -135,7 +130,7 @@ def claim_output_dir(
         foreign = [n for n in os.listdir(path) if n != LOCK_FILE]
         if foreign:
             raise OutputDirError(
-                f"{path} already holds files that are not a qlora run's ({_names(foreign)}); "
+                f"{path} already holds files that are not a qlora run's ({name_listing(foreign)}); "
                 "choose a new or empty output directory (or an earlier run's)"
             )
     path.mkdir(parents=True, exist_ok=True)
@@ -162,7 +157,9 @@ def _claim_marker(path: Path, marker: Path, *, resume: bool, overwrite: bool) ->
     outputs = _earlier_outputs(path)
     if outputs and not overwrite and not resume:
         checkpoints = [p.name for _, p in checkpoint_dirs(path)]
-        what = f"checkpoints ({_names(checkpoints)})" if checkpoints else _names(outputs)
+        what = (
+            f"checkpoints ({name_listing(checkpoints)})" if checkpoints else name_listing(outputs)
+        )
         raise OutputDirError(
             f"{path} holds an earlier run's {what}: pass --resume to continue it, "
             "--overwrite to start over (replaces that run's files), or choose another "
