@@ -51,10 +51,11 @@ def test_choices_and_help_are_read_off_the_config_dataclasses() -> None:
     from qlora.memory import OPTIMIZERS as ESTIMATE_OPTIMIZERS
     from qlora.optim import OPTIMIZERS
     from qlora.quant import KINDS
+    from qlora.quant.codebooks import BASE_KINDS
 
     for command in ("generate", "chat", "merge", "eval"):
         quant = _option(command, "--quant")
-        assert tuple(quant.choices) == (*KINDS, "none")
+        assert tuple(quant.choices) == (*BASE_KINDS, "none")
         assert field_doc(QuantConfig, "kind") in quant.help
     assert tuple(_option("quantize", "--quant").choices) == KINDS
     assert "--overwrite" in _option("quantize", "--overwrite").option_strings

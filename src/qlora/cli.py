@@ -382,7 +382,7 @@ def _check_architecture(source: str | None) -> None:
     """An HF directory's unsupported architecture is an error before the model loads."""
     import json
 
-    from qlora.export.gguf_names import gguf_arch
+    from qlora.models.gguf_names import gguf_arch
 
     config = Path(source or "") / "config.json"
     if source and config.is_file():
@@ -487,7 +487,10 @@ def _add_inference(commands: Any) -> None:
     )
     quant.add_argument("source", help="registered name, HF directory or .gguf file")
     quant.add_argument("output", help="the directory to write")
-    _field_option(quant, "--quant", QuantConfig, "kind", allow_none=False)
+    # a codebook only: "gguf" keeps a .gguf file's blocks, it writes no bitsandbytes layout
+    from qlora.quant import KINDS as codebooks
+
+    _field_option(quant, "--quant", QuantConfig, "kind", allow_none=False, choices=codebooks)
     _field_option(quant, "--double-quant", QuantConfig, "double_quant")
     _field_option(quant, "--blocksize", QuantConfig, "blocksize")
     quant.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)

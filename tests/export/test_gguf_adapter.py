@@ -18,8 +18,8 @@ import torch
 from qlora import LoraConfig, add_lora, save_adapter
 from qlora.adapters import AdapterFormatError, AdapterNotFoundError, ExportError
 from qlora.export.gguf_adapter import export_adapter_gguf, llama_cpp_scale
-from qlora.export.gguf_names import unpermute_qk
 from qlora.files import DestinationError
+from qlora.models.gguf_names import unpermute_qk
 from qlora.nn.inject import lora_layers
 from tests.tiny_models import tiny_llama
 
@@ -210,7 +210,7 @@ def test_unsupported_target_is_refused(tmp_path: Path) -> None:
 def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
     import transformers
 
-    from qlora.export.gguf_names import UnsupportedArchitectureError
+    from qlora.models.gguf_names import UnsupportedArchitectureError
 
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
     with torch.device("meta"):

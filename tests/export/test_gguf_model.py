@@ -15,7 +15,8 @@ import transformers
 from qlora.adapters.merge import merged_state_dict
 from qlora.config import LoraConfig, QuantConfig
 from qlora.export.gguf_model import GGUFExportError, export_gguf
-from qlora.export.gguf_names import (
+from qlora.files import DestinationError
+from qlora.models.gguf_names import (
     ARCHITECTURES,
     UnsupportedArchitectureError,
     gguf_arch,
@@ -23,7 +24,6 @@ from qlora.export.gguf_names import (
     permute_qk,
     unpermute_qk,
 )
-from qlora.files import DestinationError
 from qlora.nn import add_lora, quantize_model
 from tests.adapters.helpers import randomize
 from tests.tiny_models import tiny_llama

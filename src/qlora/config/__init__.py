@@ -31,7 +31,7 @@ from qlora.config.fields import (
 )
 from qlora.dtypes import DtypeName
 from qlora.optim.build import OptimizerName
-from qlora.quant.codebooks import QuantKind
+from qlora.quant.codebooks import BaseKind
 
 __all__ = [
     "ConfigError",
@@ -83,7 +83,10 @@ class QuantConfig:
     """How the frozen base weights are stored.
 
     Attributes:
-        kind: codebook for the frozen Linear weights; null (none) keeps them in full precision.
+        kind: codebook for the frozen Linear weights; null (none) keeps them in full precision;
+            "gguf" keeps a .gguf checkpoint's own blocks (Q4_0, Q4_1, Q8_0, K-quants) as they
+            are, so the adapter trains on exactly the weights llama.cpp runs (blocksize and
+            double_quant do not apply).
         blocksize: elements per absmax block (power of two, 32..4096).
         double_quant: also quantize the absmax values (saves ~0.37 bits/param at blocksize 64).
         compute_dtype: dtype the weights are dequantized to for the matmul. float32 on CPUs
@@ -94,7 +97,7 @@ class QuantConfig:
 
     SECTION: ClassVar[str] = "quant"
 
-    kind: QuantKind | None = "nf4"
+    kind: BaseKind | None = "nf4"
     blocksize: int = 64
     double_quant: bool = True
     compute_dtype: DtypeName = "float32"

@@ -2,7 +2,7 @@
 
 `fidelity_report` reads the written ``.gguf`` with the ``gguf`` package's own reader
 (`gguf.GGUFReader`), dequantizes every tensor with `gguf.quants.dequantize`, undoes
-llama.cpp's q/k row permutation (`qlora.export.gguf_names.unpermute_qk`), loads the weights
+llama.cpp's q/k row permutation (`qlora.models.gguf_names.unpermute_qk`), loads the weights
 into a float32 copy of the model's architecture (built by transformers from ``model.config``,
 never its remote code) and compares that copy's logits with the source model's forward (base
 + adapters, exactly as it was exported) on a few held-out windows of text
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qlora.export.gguf_names import gguf_arch, tensor_name_map, unpermute_qk
 from qlora.files import atomic_write
+from qlora.models.gguf_names import gguf_arch, tensor_name_map, unpermute_qk
 
 __all__ = [
     "FidelityError",

@@ -15,7 +15,7 @@ for every layer with the adapter's default rank and alpha (those B are copied bi
 the others are scaled once, in float64, then rounded to float32.
 
 For the ``llama`` architecture llama.cpp stores the rows of W_q / W_k permuted (see
-`qlora.export.gguf_names`); the update ``B @ A`` lives in W's space, so B's rows are
+`qlora.models.gguf_names`); the update ``B @ A`` lives in W's space, so B's rows are
 permuted the same way and A is left alone.
 
 Everything is validated (config, every key and shape against the base architecture, finite
@@ -49,7 +49,8 @@ from qlora.adapters._peft_files import (
     read_weights,
 )
 from qlora.adapters.merge import ExportError
-from qlora.export.gguf_names import (
+from qlora.files import DestinationError, atomic_open, check_file_destination
+from qlora.models.gguf_names import (
     GGUFArch,
     UnsupportedArchitectureError,
     gguf_arch,
@@ -57,7 +58,6 @@ from qlora.export.gguf_names import (
     permute_qk,
     qk_heads,
 )
-from qlora.files import DestinationError, atomic_open, check_file_destination
 
 __all__ = [
     "AdapterTensor",

@@ -8,7 +8,7 @@ into the file, so the export needs the memory of the largest tensor, not of the 
 The file holds the architecture's metadata (``general.architecture`` = ``llama`` for Llama and
 Mistral, ``qwen2`` for Qwen2), the tokenizer and the chat template
 (`qlora.export.tokenizer_meta`), and the tensors under llama.cpp's names
-(`qlora.export.gguf_names`), query/key rows permuted to llama.cpp's rope layout where the
+(`qlora.models.gguf_names`), query/key rows permuted to llama.cpp's rope layout where the
 architecture needs it. Types follow llama.cpp's converter: norms and other 1-D tensors stay
 F32; ``f16`` / ``bf16`` / ``q8_0`` / ``q4_0`` / ``q4_1`` apply to the 2-D weights through
 the ``gguf`` package's own `gguf.quants.quantize`; a weight whose rows do not split into
@@ -34,9 +34,9 @@ from torch import nn
 
 from qlora.adapters.merge import merge_plan
 from qlora.export.fidelity import fidelity_path, fidelity_report, write_fidelity_report
-from qlora.export.gguf_names import GGUFArch, gguf_arch, gguf_tensor_name, permute_qk, qk_heads
 from qlora.export.tokenizer_meta import add_tokenizer, tokenizer_meta
 from qlora.files import atomic_open, check_file_destination
+from qlora.models.gguf_names import GGUFArch, gguf_arch, gguf_tensor_name, permute_qk, qk_heads
 
 __all__ = [
     "GGUF_TYPES",
@@ -150,7 +150,7 @@ def gguf_tensors(model: nn.Module, arch: GGUFArch, wanted: Q) -> list[GGUFTensor
     """The file's tensors, in the model's state-dict order, each computed when asked.
 
     Raises:
-        qlora.export.gguf_names.UnsupportedArchitectureError: a tensor with no GGUF name.
+        qlora.models.gguf_names.UnsupportedArchitectureError: a tensor with no GGUF name.
     """
     config = model.config
     n_layers = int(config.num_hidden_layers)
@@ -272,7 +272,7 @@ def export_gguf(
     Raises:
         GGUFExportError: unknown ``type``, rope scaling other than linear / llama3 (Llama
             and Mistral) or linear (Qwen2), or no ``model.config``.
-        qlora.export.gguf_names.UnsupportedArchitectureError: not one of the architectures.
+        qlora.models.gguf_names.UnsupportedArchitectureError: not one of the architectures.
         qlora.export.tokenizer_meta.TokenizerError: a tokenizer that cannot be written.
         qlora.files.DestinationError: ``out_path`` (or, with ``fidelity``, its report)
             exists (without ``overwrite``), is a directory.

@@ -39,9 +39,11 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "BASE_KINDS",
     "BITS",
     "BNB_KINDS",
     "KINDS",
+    "BaseKind",
     "QuantKind",
     "codebook",
     "decision_bounds",
@@ -52,6 +54,10 @@ __all__ = [
 
 QuantKind = Literal["nf4", "fp4", "int8", "nf2"]
 KINDS: tuple[str, ...] = typing.get_args(QuantKind)
+# What `quant.kind` may say: a codebook above, or "gguf": keep a GGUF file's own block
+# quantization (Q4_0, Q4_1, Q8_0, K-quants; `qlora.quant.gguf_blocks`) instead of re-quantizing.
+BaseKind = Literal[QuantKind, "gguf"]
+BASE_KINDS: tuple[str, ...] = typing.get_args(BaseKind)
 BNB_KINDS: tuple[str, ...] = ("nf4", "fp4")  # the kinds bitsandbytes has (int8, nf2: ours)
 BITS: dict[str, int] = {"nf4": 4, "fp4": 4, "int8": 8, "nf2": 2}
 

@@ -1,6 +1,7 @@
 """Hugging Face -> GGUF tensor names and llama.cpp's query/key row permutation.
 
-Shared by the merged-model export (`qlora.export.gguf_model`) and the adapter export: both
+Shared by the merged-model export (`qlora.export.gguf_model`), the adapter export and the
+loader of a GGUF's own blocks (``quant.kind: gguf``): all
 must name a tensor exactly as llama.cpp's loader looks it up, and both must apply the same
 permutation to the rows of q_proj / k_proj (a LoRA adapter: to the rows of B only; A's
 columns index the input, which is not permuted).
