@@ -30,7 +30,7 @@ class Arm:
         name: the arm's key (CLI, tables, file names).
         label: what the arm is, for the report.
         method: "full" (every parameter trains, no adapter) or "lora".
-        quant: the frozen base's codebook, None for float32.
+        quant: the frozen base's codebook, "gguf" for the file's own blocks, None for float32.
         double_quant: quantize the absmax constants too.
         init: the adapters' initialization ("kaiming" or "loftq").
     """
@@ -52,6 +52,8 @@ ARMS: dict[str, Arm] = {
         Arm("qlora-fp4", "QLoRA, FP4 + double quant", "lora", "fp4"),
         Arm("qlora-int8", "QLoRA, int8 + double quant", "lora", "int8"),
         Arm("qlora-nf2", "QLoRA, NF2 + double quant", "lora", "nf2"),
+        # the default model is a Q4_1 GGUF: train on its own blocks (no second rounding)
+        Arm("qlora-gguf", "QLoRA on the GGUF's own blocks (Q4_1)", "lora", "gguf"),
         Arm("loftq-nf4-dq", "LoftQ init, NF4 + double quant", "lora", "nf4", init="loftq"),
         Arm("loftq-fp4", "LoftQ init, FP4 + double quant", "lora", "fp4", init="loftq"),
         Arm("loftq-nf2", "LoftQ init, NF2 + double quant", "lora", "nf2", init="loftq"),

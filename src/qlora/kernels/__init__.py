@@ -5,6 +5,7 @@ optim ask it for their kernels instead of importing the extensions themselves.
 
 * ``_cpu`` (``cpu.c``): blockwise k-bit dequantize / quantize and the fused 8-bit AdamW step.
 * ``_ops`` (``ops.c``): counter-based dropout for the fused LoRA path.
+* ``_gguf`` (``gguf.c``): GGUF block dequantize (llama.cpp's Q4_0 ... Q6_K layouts).
 * ``triton_dequant.py`` / ``triton_matmul.py``: the CUDA kernels (Triton).
 
 Every kernel has a PyTorch reference it is tested against bit for bit, and the reference runs
@@ -27,6 +28,7 @@ DISABLE_VARIABLE = "QLORA_DISABLE_KERNELS"
 C_EXTENSIONS = {
     "cpu": "blockwise dequantize/quantize, fused 8-bit AdamW",
     "ops": "counter-based dropout",
+    "gguf": "GGUF block dequantize (Q4_0 ... Q6_K), bit-identical to the gguf package",
 }
 
 
@@ -45,8 +47,8 @@ def _import_extension(name: str) -> ModuleType | None:
 
 
 def c_extension(name: str) -> ModuleType | None:
-    """The compiled extension ``qlora.kernels._<name>`` ("cpu" or "ops"), or None when it was
-    not built or kernels are disabled."""
+    """The compiled extension ``qlora.kernels._<name>`` (a key of ``C_EXTENSIONS``), or None
+    when it was not built or kernels are disabled."""
     if name not in C_EXTENSIONS:
         raise ValueError(f"unknown C extension {name!r}; choose one of {sorted(C_EXTENSIONS)}")
     if kernels_disabled():

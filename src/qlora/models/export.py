@@ -92,6 +92,11 @@ def save_quantized(
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not layers:
         raise ValueError("the model has no quantized layers: load it with quant='nf4' (or fp4...)")
+    if any(m.quant_state.is_gguf for _, m in layers):
+        raise ValueError(
+            "the model's base is a GGUF file's own blocks (quant='gguf'): that .gguf already is "
+            "the quantized checkpoint; load it again with quant='gguf' instead of saving a copy"
+        )
     check_model_destination(directory, model, overwrite)
     config = model.config.to_dict()
     config["quantization_config"] = _quantization_config(layers, model)

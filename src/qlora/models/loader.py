@@ -20,7 +20,10 @@ resolved `_Plan`), `resolve_checkpoint` / `_load_config` / `_shards` (files),
 
 Checkpoints saved pre-quantized by bitsandbytes (``Linear4bit`` keys: ``weight``,
 ``weight.absmax``, ``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.*``) load
-into `QuantLinear` without re-quantizing, byte for byte.
+into `QuantLinear` without re-quantizing, byte for byte. A ``.gguf`` loaded with
+``quant="gguf"`` keeps its own blocks (Q4_0, Q4_1, Q8_0, K-quants) the same way
+(`qlora.models.gguf_source`): the tensors stream from the converted directory as usual, but a
+target's weight is taken from the file's bytes instead of being quantized.
 
 Safety: a model folder's own Python (``auto_map`` in ``config.json``) never runs unless the
 caller passes ``trust_remote_code=True`` on purpose; transformers is always told so
@@ -50,13 +53,14 @@ from tqdm.auto import tqdm
 from qlora.config import ModelConfig, QuantConfig, TargetModules
 from qlora.devices import DeviceError, resolve_device
 from qlora.dtypes import torch_dtype
+from qlora.models.gguf_source import GGUFBase, gguf_file
 from qlora.models.registry import DEFAULT_MODEL, ModelLoadError, gguf_to_hf, registered_path
 from qlora.models.safetensors_io import SafetensorsError, SafetensorsReader
 from qlora.nn.inject import find_targets, replace_module
 from qlora.nn.qlinear import QuantLinear
 from qlora.procinfo import rss_bytes
 from qlora.quant.blockwise import quantize
-from qlora.quant.codebooks import QuantKind
+from qlora.quant.codebooks import BaseKind
 from qlora.quant.dequant import dequantize
 from qlora.quant.state import QuantState
 
@@ -79,6 +83,7 @@ class LoadInfo:
     quantized_bytes: int = 0
     full_precision_bytes: int = 0
     shards: list[Path] = field(default_factory=list)
+    gguf_blocks: str = ""  # quant="gguf": which of the file's block kinds were kept
 
     @property
     def bits_per_quantized_param(self) -> float:
@@ -454,6 +459,19 @@ def _reconcile_prequantized(config: Any, plan: _Plan, directory: Path) -> tuple[
     return plan, True
 
 
+def _gguf_base(plan: _Plan, config: Any, prequantized: bool) -> GGUFBase | None:
+    """quant="gguf": the GGUF file whose blocks become the frozen base (None otherwise)."""
+    if plan.quant != "gguf":
+        return None
+    path = gguf_file(plan.source)
+    if path is None or prequantized:
+        raise ModelLoadError(
+            f"quant='gguf' keeps a .gguf file's own blocks, but {plan.source!r} is not a .gguf "
+            "file or a registered GGUF model; pass one, or choose a codebook (nf4, fp4, int8, nf2)"
+        )
+    return GGUFBase(path, config)
+
+
 def _skeleton(config: Any, plan: _Plan) -> nn.Module:
     """Stage 4: the architecture on the meta device (shapes only, no memory)."""
     from transformers import AutoModelForCausalLM
@@ -471,8 +489,10 @@ class _Stream:
     become `QuantState`s (quantized here, or collected as a bitsandbytes group).
     """
 
-    def __init__(self, model: nn.Module, plan: _Plan, info: LoadInfo) -> None:
-        self.model, self.plan, self.info = model, plan, info
+    def __init__(
+        self, model: nn.Module, plan: _Plan, info: LoadInfo, gguf_base: GGUFBase | None = None
+    ) -> None:
+        self.model, self.plan, self.info, self.gguf_base = model, plan, info, gguf_base
         quantizing = plan.quant is not None or info.prequantized
         self.targets = set(find_targets(model, plan.target_modules)) if quantizing else set()
         self.slots = _Slots(model)
@@ -525,9 +545,17 @@ class _Stream:
         owner = name.rpartition(".")[0]
         is_target = name.endswith(".weight") and owner in self.targets
         plan, device = self.plan, self.plan.device
-        if is_target and view.dtype == torch.uint8:
+        state = None
+        if is_target and self.gguf_base is not None:  # the file's own blocks, as they are
+            expected = self.model.get_submodule(owner).weight.shape
+            check_shape(name, expected, view.shape)
+            state = self.gguf_base.state(name, expected, device)
+        if state is not None:
+            self.states[owner] = state
+            self.info.quantized_params += view.numel()
+        elif is_target and view.dtype == torch.uint8:
             self.pending[owner][key] = view.clone()  # a bitsandbytes packed weight
-        elif is_target and plan.quant and not self.info.prequantized:
+        elif is_target and plan.quant and plan.quant != "gguf" and not self.info.prequantized:
             check_shape(name, self.model.get_submodule(owner).weight.shape, view.shape)
             self.states[owner] = quantize(
                 view.to(device), plan.quant, plan.blocksize, plan.double_quant
@@ -614,7 +642,7 @@ def _check_complete(model: nn.Module, stream: _Stream, device: torch.device) -> 
 
 def load_model(
     source: str | os.PathLike | ModelConfig = DEFAULT_MODEL,
-    quant: QuantKind | QuantConfig | None = "nf4",
+    quant: BaseKind | QuantConfig | None = "nf4",
     *,
     double_quant: bool | None = None,
     blocksize: int | None = None,
@@ -636,7 +664,8 @@ def load_model(
             directory saved pre-quantized by bitsandbytes, a ``.gguf`` file, a registered
             name (default ``smollm2-135m``), or a `ModelConfig` (source, dtype, device and,
             when it has one, trust_remote_code).
-        quant: ``"nf4"``, ``"fp4"``, ``"int8"``, ``"nf2"``, None (full precision), or a
+        quant: ``"nf4"``, ``"fp4"``, ``"int8"``, ``"nf2"``, ``"gguf"`` (a .gguf's own blocks,
+            kept as they are), None (full precision), or a
             `QuantConfig` (kind, double_quant, blocksize, compute_dtype, target_modules).
         double_quant: quantize the block scales too (QLoRA's double quantization; default
             True).
@@ -679,12 +708,17 @@ def load_model(
     config = _load_config(directory, plan.trust_remote_code)
     shards = _shards(directory)
     plan, prequantized = _reconcile_prequantized(config, plan, directory)  # 3.
+    gguf_base = _gguf_base(plan, config, prequantized)
     model = _skeleton(config, plan)  # 4.
     info = LoadInfo(plan.source, directory, plan.quant, prequantized, shards=shards)
-    stream = _Stream(model, plan, info)
+    stream = _Stream(model, plan, info, gguf_base)
     stream.read(shards, progress)  # 5.
     _install_quantized(model, stream.quant_states(), stream, plan)  # 6., 7.
     _check_complete(model, stream, plan.device)  # 8.
+    if gguf_base is not None:
+        info.gguf_blocks = gguf_base.summary()
+        if gguf_base.full_precision:
+            warnings.warn(f"{gguf_base.path.name}: {info.gguf_blocks}", stacklevel=2)
     model.eval()
     _trim_heap()
     _attach_generation_config(model, directory)

@@ -291,6 +291,11 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """
     if config.kind is None:
         return model
+    if config.kind == "gguf":
+        raise ValueError(
+            "quant.kind='gguf' keeps a .gguf file's own blocks, read when the model loads "
+            "(load_model(path.gguf, 'gguf')); it cannot quantize a model already in memory"
+        )
     for name in find_targets(model, config.target_modules):
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):

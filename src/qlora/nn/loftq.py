@@ -186,6 +186,11 @@ def _check_loftq(lora: LoraConfig, quant: QuantConfig) -> None:
             "lora.init='loftq' fits the adapters to a quantization error, but quant.kind is "
             "None; set quant.kind (nf4, fp4, int8, nf2) or use init='kaiming'"
         )
+    if quant.kind == "gguf":
+        raise ValueError(
+            "lora.init='loftq' re-quantizes the base, but quant.kind='gguf' keeps the GGUF "
+            "file's blocks as they are; use init='kaiming' with gguf, or a codebook kind (nf4)"
+        )
     if lora.loftq_iters > 1:
         warnings.warn(
             f"lora.loftq_iters={lora.loftq_iters}: the LoftQ base differs from plain "

@@ -206,10 +206,11 @@ class QuantLinear(nn.Module):
         On CUDA, a few tokens without autograd (decoding) take the fused Triton kernel, which
         reads the 4-bit codes once instead of writing and re-reading a dequantized copy.
         """
-        if x.is_cuda and _fused_decode_applies(x, self.in_features):
-            out = _fused_decode(x.to(self.compute_dtype), self.quant_state)
+        state = self.quant_state
+        if x.is_cuda and not state.is_gguf and _fused_decode_applies(x, self.in_features):
+            out = _fused_decode(x.to(self.compute_dtype), state)
         else:
-            out = quantized_matmul(x.to(self.compute_dtype), self.quant_state)
+            out = quantized_matmul(x.to(self.compute_dtype), state)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype)

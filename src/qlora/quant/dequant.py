@@ -7,6 +7,10 @@ Paths, all bit-identical to `blockwise.dequantize_reference` (tests compare them
 * CUDA: the Triton kernel in ``qlora/kernels/triton_dequant.py`` when triton is installed.
 * anything else (no compiler, no triton): the PyTorch reference.
 
+A state holding a GGUF file's own blocks (``state.is_gguf``) goes to
+`qlora.quant.gguf_blocks.dequantize_blocks` (its C kernel, or its PyTorch reference; both
+bit-identical to ``gguf.quants.dequantize``).
+
 `qlora.kernels` decides which kernels run: ``QLORA_DISABLE_KERNELS=1`` (read at every call)
 forces the reference path everywhere.
 """
@@ -17,6 +21,7 @@ import torch
 
 from qlora.kernels import c_extension, triton_enabled
 from qlora.quant.blockwise import dequantize_absmax, dequantize_reference
+from qlora.quant.gguf_blocks import dequantize_blocks
 from qlora.quant.state import QuantState
 
 __all__ = ["dequantize"]
@@ -49,7 +54,9 @@ def dequantize(
             f"{state.device}; got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
     kernel = c_extension("cpu")
-    if kernel is not None and state.device.type == "cpu" and dtype in _OUT_DTYPES:
+    if state.is_gguf:
+        result = dequantize_blocks(state.packed, state.kind, tuple(state.shape), dtype, out=out)
+    elif kernel is not None and state.device.type == "cpu" and dtype in _OUT_DTYPES:
         absmax = dequantize_absmax(state).contiguous()
         code = state.code.float().contiguous()
         packed = state.packed.contiguous()

@@ -15,6 +15,14 @@ load in bitsandbytes:
 In a Linear4bit state dict these appear as ``weight`` (packed, shape [nbytes, 1]),
 ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map`` and
 ``weight.quant_state.bitsandbytes__nf4`` - a JSON blob (as uint8) holding the non-tensor fields.
+
+A GGUF block kind (``q4_0``, ``q4_1``, ``q8_0``, the K-quants: `qlora.quant.gguf_blocks`) uses
+the same container for a GGUF file's own bytes, kept as they are (``quant.kind: gguf``):
+
+    packed   uint8 [rows * row_bytes]          the tensor's blocks exactly as the file has them
+                                               (scales inside each block, llama.cpp's layout)
+    absmax   float32 [0], code float32 [0]     unused: each block carries its own scales
+    blocksize                                  elements per block (32, or 256 for K-quants)
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import torch
 
 from qlora.dtypes import torch_dtype
 from qlora.quant.codebooks import BITS, BNB_KINDS, KINDS
+from qlora.quant.gguf_blocks import GGUF_BLOCK_KINDS, block_shape, row_bytes
 
 __all__ = ["NestedState", "QuantState"]
 
@@ -58,8 +67,46 @@ class QuantState:
     code: torch.Tensor  # float32 [2^bits]
     nested: NestedState | None = None
 
+    @classmethod
+    def from_gguf_blocks(
+        cls,
+        blocks: torch.Tensor,
+        kind: str,
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype = torch.float32,
+    ) -> QuantState:
+        """A GGUF tensor's own blocks as a state: ``blocks`` uint8 [rows, row_bytes] (any
+        shape holding that many bytes), ``shape`` the tensor's [rows, columns] in HF order."""
+        if kind not in GGUF_BLOCK_KINDS:
+            raise ValueError(f"unknown GGUF block kind {kind!r}; choose one of {GGUF_BLOCK_KINDS}")
+        shape = torch.Size(shape)
+        expected = math.prod(shape[:-1]) * row_bytes(kind, shape[-1])
+        if blocks.dtype != torch.uint8 or blocks.numel() != expected:
+            raise ValueError(
+                f"{kind} blocks of a {tuple(shape)} tensor must be {expected} uint8 bytes; got "
+                f"{blocks.numel()} {blocks.dtype}"
+            )
+        empty = torch.empty(0, dtype=torch.float32, device=blocks.device)
+        return cls(
+            kind=kind,
+            packed=blocks.reshape(-1),
+            absmax=empty,
+            shape=shape,
+            dtype=dtype,
+            blocksize=block_shape(kind)[0],
+            code=empty,
+        )
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether this holds a GGUF file's own blocks (rather than codes into a codebook)."""
+        return self.kind in GGUF_BLOCK_KINDS
+
     @property
     def bits(self) -> int:
+        """Bits per code of a codebook kind (for GGUF blocks: see `bits_per_parameter`)."""
+        if self.is_gguf:
+            raise ValueError(f"{self.kind} blocks have no fixed code width; use bits_per_parameter")
         return BITS[self.kind]
 
     @property
@@ -157,8 +204,10 @@ class QuantState:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{label}: unreadable quant_state blob {blobs[0]!r}: {err}") from err
         kind = info.get("quant_type")
-        if kind not in KINDS:
-            raise ValueError(f"{label}: unknown quant_type {kind!r}; expected one of {KINDS}")
+        if kind not in KINDS and kind not in GGUF_BLOCK_KINDS:
+            raise ValueError(
+                f"{label}: unknown quant_type {kind!r}; expected one of {KINDS + GGUF_BLOCK_KINDS}"
+            )
         for key in (prefix, f"{prefix}.absmax"):
             if key not in tensors:
                 raise KeyError(f"{label}: missing tensor {key!r} in the quantized state dict")
@@ -166,6 +215,12 @@ class QuantState:
         packed = tensors[prefix].reshape(-1)
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8)  # bitsandbytes' quant_storage may be wider
+        if kind in GGUF_BLOCK_KINDS:
+            try:
+                state = cls.from_gguf_blocks(packed, kind, shape, torch_dtype(info["dtype"]))
+            except ValueError as err:
+                raise ValueError(f"{label}: {err}") from None
+            return state
         expected = -(-math.prod(shape) * BITS[kind] // 8)
         if packed.numel() != expected:
             raise ValueError(
