@@ -349,7 +349,15 @@ def _fidelity_fits(model: Any) -> bool:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """A merged model (``gguf``) or a LoRA adapter (``gguf-adapter``) as a llama.cpp GGUF."""
+    """A merged model (``gguf``) or a LoRA adapter (``gguf-adapter``) as a llama.cpp GGUF, or
+    an adapter re-saved at another precision (``peft``)."""
+    if args.format == "peft":
+        return _export_peft(args)
+    if args.adapter_dtype is not None:
+        raise ValueError(
+            f"--adapter-dtype applies to --format peft only, not --format {args.format} (the "
+            "GGUF writers choose their own tensor types; gguf: --type): drop --adapter-dtype"
+        )
     _check_modelfile(args)
     if args.format == "gguf-adapter":
         return _export_adapter(args)
@@ -388,6 +396,21 @@ def _check_architecture(source: str | None) -> None:
     if source and config.is_file():
         fields = json.loads(config.read_text())
         gguf_arch(argparse.Namespace(**{k: fields.get(k) for k in ("architectures", "model_type")}))
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    """One adapter directory re-saved at --adapter-dtype (no model is loaded)."""
+    from qlora.adapters import convert_adapter
+
+    if len(args.adapter) != 1:
+        raise ValueError("--format peft re-saves one adapter: give --adapter DIR once")
+    if args.ollama:
+        raise ValueError("--ollama needs a GGUF: use --format gguf or gguf-adapter")
+    dtype = args.adapter_dtype or "float32"
+    out = convert_adapter(args.adapter[0], args.output, dtype, overwrite=args.overwrite)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(f"wrote {out} ({size / 2**20:.2f} MiB, {dtype})")
+    return 0
 
 
 def _export_adapter(args: argparse.Namespace) -> int:
@@ -510,22 +533,36 @@ def _add_inference(commands: Any) -> None:
 
 
 def _add_export(commands: Any) -> None:
-    from qlora.config import QuantConfig
+    from qlora.config import QuantConfig, TrainConfig, field_choices
     from qlora.export.gguf_model import GGUF_TYPES
 
     ex = commands.add_parser(
         "export",
-        help="write a GGUF for llama.cpp / Ollama: the merged model or the LoRA adapter",
+        help="write a GGUF for llama.cpp / Ollama (the merged model or the LoRA adapter), or "
+        "re-save an adapter at another precision",
         description="--format gguf: load the base as the adapter was trained (--quant), fold "
         "each --adapter into the weights it saw and write one .gguf with the tokenizer and "
-        "chat template. --format gguf-adapter: the adapter alone, for llama.cpp's --lora.",
+        "chat template. --format gguf-adapter: the adapter alone, for llama.cpp's --lora. "
+        "--format peft: the --adapter directory re-saved at --adapter-dtype (no model loads).",
     )
-    ex.add_argument("output", help="the .gguf file to write")
+    ex.add_argument("output", help="the .gguf file to write (peft: the directory)")
     ex.add_argument(
         "--format",
-        choices=["gguf", "gguf-adapter"],
+        choices=["gguf", "gguf-adapter", "peft"],
         default="gguf",
-        help=("gguf: the merged model; gguf-adapter: the LoRA adapter (default: %(default)s)"),
+        help=(
+            "gguf: the merged model; gguf-adapter: the LoRA adapter; peft: the adapter's "
+            "PEFT files at --adapter-dtype (default: %(default)s)"
+        ),
+    )
+    ex.add_argument(
+        "--adapter-dtype",
+        choices=field_choices(TrainConfig, "adapter_dtype"),
+        default=None,  # None: not given, so gguf formats can refuse it when it is
+        help=(
+            "peft only: precision of the written adapter: float32, bfloat16 or float16 "
+            "(plain PEFT files) or int8 (blockwise; only qlora loads it) (default: float32)"
+        ),
     )
     ex.add_argument(
         "--model",
@@ -554,7 +591,12 @@ def _add_export(commands: Any) -> None:
             "--adapter, none without)"
         ),
     )
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT file")
+    ex.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUTPUT file (peft: write into a non-empty directory, "
+        "replacing only the adapter's two files)",
+    )
     ex.add_argument(
         "--no-fidelity",
         dest="fidelity",

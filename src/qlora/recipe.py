@@ -126,5 +126,10 @@ def _run_in(config: RunConfig, run_dir: RunDirectory, *, resume: bool, progress:
         progress=progress,
         run_dir=run_dir,
     )
-    adapter_dir = save_adapter(model, out / "adapter", base_model_name_or_path=config.model.source)
+    adapter_dir = save_adapter(
+        model,
+        out / "adapter",
+        base_model_name_or_path=config.model.source,
+        dtype=config.train.adapter_dtype,
+    )
     return RunResult(model, tokenizer, result, Path(adapter_dir), summary)

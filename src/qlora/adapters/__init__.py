@@ -11,6 +11,7 @@ from qlora.adapters.peft_format import (
     AdapterFormatError,
     AdapterNotFoundError,
     adapter_config,
+    convert_adapter,
     load_adapter,
     save_adapter,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "adapter_config",
+    "convert_adapter",
     "export_merged",
     "load_adapter",
     "measure_drift",

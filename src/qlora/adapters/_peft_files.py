@@ -1,7 +1,8 @@
 """Reading and validating PEFT adapter files, before anything touches the model.
 
 `load_adapter` (in `peft_format`) calls these in order: find the two files, parse the
-config (rejecting anything that is not plain LoRA on Linear layers), read the weights,
+config (rejecting anything that is not plain LoRA on Linear layers), read the weights
+(decoding our int8 extension to float32, see `peft_format`'s docstring for the layout),
 match every key to a Linear layer of the model with the shapes the config implies, and
 check that every weight is finite.
 """
@@ -9,7 +10,9 @@ check that every weight is finite.
 from __future__ import annotations
 
 import json
+import math
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,19 +20,28 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from qlora.config import AdapterDtype
 from qlora.models.safetensors_io import SafetensorsError, SafetensorsReader
 from qlora.nn.inject import lora_layers
 from qlora.nn.lora import LoRALinear
 from qlora.nn.qlinear import QuantLinear
 
 __all__ = [
+    "ABSMAX_SUFFIX",
+    "ADAPTER_DTYPES",
+    "BLOCKSIZE_KEY",
     "CONFIG_NAME",
+    "DTYPE_KEY",
+    "INT8_BLOCKSIZE",
     "PREFIX",
+    "SHAPES_KEY",
     "WEIGHTS_NAME",
     "AdapterFormatError",
     "AdapterNotFoundError",
     "Spec",
     "check_finite",
+    "check_pairs",
+    "decode_int8",
     "find_files",
     "match_weights",
     "parse_config",
@@ -39,6 +51,14 @@ __all__ = [
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# The int8 extension (documented in `peft_format`): the marker in adapter_config.json and in
+# the safetensors __metadata__, the scales' key suffix, the original shapes, the block size.
+DTYPE_KEY = "qlora_adapter_dtype"
+ABSMAX_SUFFIX = ".qlora_int8_absmax"
+SHAPES_KEY = "qlora_int8_shapes"
+BLOCKSIZE_KEY = "qlora_int8_blocksize"
+INT8_BLOCKSIZE = 64
+ADAPTER_DTYPES: tuple[str, ...] = typing.get_args(AdapterDtype)
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
 )
@@ -81,6 +101,7 @@ class Spec:
     init: Literal["kaiming", "gaussian"]
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    dtype: AdapterDtype = "float32"  # the config's qlora_adapter_dtype ("float32": none)
 
     def pattern_value(self, pattern: dict[str, Any], module: str, default: Any) -> Any:
         """PEFT's rule: the first key that regex-matches a dotted suffix of the module name."""
@@ -150,6 +171,12 @@ def parse_config(path: Path) -> Spec:
         raise bad(f"lora_alpha must be a number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         raise bad(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
+    dtype = raw.get(DTYPE_KEY, "float32")
+    if dtype not in ADAPTER_DTYPES:
+        raise bad(
+            f"{DTYPE_KEY}={dtype!r} is not a precision qlora writes; expected one of "
+            f"{', '.join(ADAPTER_DTYPES)} (the file is from a newer qlora or was edited)"
+        )
     patterns = {}
     for key in ("rank_pattern", "alpha_pattern"):
         value = raw.get(key) or {}
@@ -171,16 +198,96 @@ def parse_config(path: Path) -> Spec:
         init="gaussian" if init == "gaussian" else "kaiming",
         rank_pattern=patterns["rank_pattern"],
         alpha_pattern=patterns["alpha_pattern"],
+        dtype=dtype,
     )
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the file (adapters are small), with our reader's file-naming errors."""
+    """Every tensor of the file (adapters are small), with our reader's file-naming errors.
+
+    A file marked int8 in its ``__metadata__`` comes back decoded: float32 tensors of the
+    original shapes under the plain PEFT keys (`decode_int8`).
+    """
     try:
         with SafetensorsReader(path) as reader:
-            return {key: reader.get(key).clone() for key in reader.names()}
+            tensors = {key: reader.get(key).clone() for key in reader.names()}
+            metadata = dict(reader.metadata)
     except SafetensorsError as err:
         raise AdapterFormatError(str(err)) from None
+    if metadata.get(DTYPE_KEY, "float32") == "int8":
+        return decode_int8(tensors, metadata, path)
+    for key in tensors:
+        if key.endswith(ABSMAX_SUFFIX):
+            raise AdapterFormatError(
+                f"{path}: key {key!r} holds int8 scales but the file's __metadata__ lacks "
+                f'"{DTYPE_KEY}": "int8"; the file is damaged (re-save the adapter)'
+            )
+    return tensors
+
+
+def _int8_layout(metadata: dict[str, str], path: Path) -> tuple[int, dict[str, list[int]]]:
+    """(blocksize, {key: [rows, cols]}) from an int8 file's ``__metadata__``, validated."""
+    try:
+        blocksize = int(metadata.get(BLOCKSIZE_KEY, ""))
+        shapes = json.loads(metadata.get(SHAPES_KEY, ""))
+    except (ValueError, json.JSONDecodeError):
+        blocksize, shapes = 0, None
+    if blocksize <= 0 or not isinstance(shapes, dict):
+        raise AdapterFormatError(
+            f"{path}: marked int8 but its __metadata__ lacks a valid {BLOCKSIZE_KEY!r} (a "
+            f"positive integer) and {SHAPES_KEY!r} (JSON: key -> shape); the file is damaged"
+        )
+    for key, shape in shapes.items():
+        dims = shape if isinstance(shape, list) and len(shape) == 2 else [0]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in dims):
+            raise AdapterFormatError(f"{path}: {SHAPES_KEY} gives {key!r} the shape {shape!r}")
+    return blocksize, shapes
+
+
+def decode_int8(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
+) -> dict[str, torch.Tensor]:
+    """Our int8 extension -> float32 tensors [rows, cols] under the plain PEFT keys.
+
+    Each ``key`` holds int8 codes q [rows * cols] (row-major) in [-127, 127], and
+    ``key + ABSMAX_SUFFIX`` the float32 absmax m [ceil(rows * cols / blocksize)] of each
+    block; an element reads back as ``q / 127 * m`` (``qlora.quant``'s int8 codebook).
+    """
+    blocksize, shapes = _int8_layout(metadata, path)
+    scales = {
+        k.removesuffix(ABSMAX_SUFFIX): t for k, t in tensors.items() if k.endswith(ABSMAX_SUFFIX)
+    }
+    codes = {k: t for k, t in tensors.items() if not k.endswith(ABSMAX_SUFFIX)}
+    for key in sorted(set(scales) - set(codes)):
+        raise AdapterFormatError(f"{path}: {key}{ABSMAX_SUFFIX} has no codes tensor {key!r}")
+    decoded: dict[str, torch.Tensor] = {}
+    for key, code in codes.items():
+        shape = shapes.get(key)
+        if shape is None or key not in scales:
+            missing = f"{SHAPES_KEY} entry" if shape is None else f"{key}{ABSMAX_SUFFIX}"
+            raise AdapterFormatError(f"{path}: int8 tensor {key!r} has no {missing}")
+        n, scale = math.prod(shape), scales[key]
+        nblocks = -(-n // blocksize)
+        if code.dtype != torch.int8 or tuple(code.shape) != (n,):
+            raise AdapterFormatError(
+                f"{path}: {key} should hold int8 codes [{n}] for shape {shape}, got "
+                f"{code.dtype} {list(code.shape)}"
+            )
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (nblocks,):
+            raise AdapterFormatError(
+                f"{path}: {key}{ABSMAX_SUFFIX} should hold float32 [{nblocks}], got "
+                f"{scale.dtype} {list(scale.shape)}"
+            )
+        if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+            raise AdapterFormatError(
+                f"{path}: {key}{ABSMAX_SUFFIX} holds negative, NaN or inf scales; the file is "
+                "damaged (re-save the adapter)"
+            )
+        values = code.float() / 127  # [n], the int8 codebook's (i - 128) / 127
+        values = torch.nn.functional.pad(values, (0, nblocks * blocksize - n))
+        decoded[key] = (values.view(nblocks, blocksize) * scale.view(-1, 1)).view(-1)[:n]
+        decoded[key] = decoded[key].view(shape)
+    return decoded
 
 
 def match_weights(
@@ -220,6 +327,13 @@ def match_weights(
         missing = [ab for ab in "AB" if ab not in group]
         if missing:
             raise AdapterFormatError(f"{path}: {module!r} has no lora_{missing[0]} weight")
+        for ab in "AB":
+            if not group[ab].is_floating_point():
+                raise AdapterFormatError(
+                    f"{path}: {module}.lora_{ab} is {group[ab].dtype}, not a float tensor, and "
+                    f'the file\'s __metadata__ has no "{DTYPE_KEY}": "int8"; the file is damaged '
+                    "or not a LoRA adapter"
+                )
         layer = model.get_submodule(module)
         r, _ = spec.rank_alpha(module)
         for ab, want in (("A", (r, layer.in_features)), ("B", (layer.out_features, r))):
@@ -239,9 +353,6 @@ def match_weights(
                 f"{layer.in_features} inputs and {layer.out_features} outputs (needs "
                 f"{list(want)}); the adapter was made for another base model"
             )
-        for ab in "AB":
-            if not group[ab].is_floating_point():
-                raise AdapterFormatError(f"{path}: {module}.lora_{ab} is {group[ab].dtype}")
         pairs[module] = (group["A"], group["B"])
     return pairs
 
@@ -257,3 +368,32 @@ def check_finite(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path
                     "the adapter is corrupt or its training diverged (retrain with a lower "
                     "learning rate, or load an earlier checkpoint)"
                 )
+
+
+def check_pairs(tensors: dict[str, torch.Tensor], spec: Spec, path: Path) -> None:
+    """Without a model: every key a LoRA A or B, in pairs, 2-D, the config's rank, finite."""
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterFormatError(f"{path}: key {key!r} is not a lora_A/lora_B weight")
+        group = by_module.setdefault(match["module"], {})
+        if match["ab"] in group:
+            raise AdapterFormatError(f"{path}: key {key!r} repeats a weight of its layer")
+        if not tensor.is_floating_point() or tensor.dim() != 2:
+            raise AdapterFormatError(f"{path}: {key} is {tensor.dtype} {list(tensor.shape)}")
+        group[match["ab"]] = tensor
+    if not by_module:
+        raise AdapterFormatError(f"{path}: holds no LoRA weights")
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, group in by_module.items():
+        if set(group) != {"A", "B"}:
+            raise AdapterFormatError(f"{path}: {module!r} has only lora_{''.join(group)}")
+        r, _ = spec.rank_alpha(module)
+        if group["A"].shape[0] != r or group["B"].shape[1] != r:
+            raise AdapterFormatError(
+                f"{path}: {module!r} has A {list(group['A'].shape)} and B "
+                f"{list(group['B'].shape)}, but {CONFIG_NAME} gives r={r}"
+            )
+        pairs[module] = (group["A"], group["B"])
+    check_finite(pairs, path)

@@ -11,6 +11,25 @@ A directory holds two files:
 * ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` [r, in] and
   ``...lora_B.weight`` [out, r]; no adapter name in the key (PEFT strips it on save).
 
+**Precision** (``dtype=``). ``"float32"`` (the default), ``"bfloat16"`` and ``"float16"``
+write the tensors above in that dtype: plain PEFT files, which PEFT loads as they are.
+``"int8"`` is our extension (blockwise absmax int8, as `qlora.quant`'s ``"int8"`` kind with
+blocks of 64 and no double quantization; ~1.06 bytes per value instead of 4):
+
+* ``<key>`` (the PEFT key above): int8 codes q [rows * cols], the weight flattened
+  row-major, q in [-127, 127];
+* ``<key>.qlora_int8_absmax``: float32 [ceil(rows * cols / 64)], the absolute maximum m of
+  each block of 64 consecutive elements (the last block may be short);
+* an element reads back as ``q / 127 * m``;
+* the safetensors ``__metadata__`` holds ``"qlora_adapter_dtype": "int8"``,
+  ``"qlora_int8_blocksize": "64"`` and ``"qlora_int8_shapes"`` (JSON: ``<key>`` ->
+  ``[rows, cols]``), and ``adapter_config.json`` holds ``"qlora_adapter_dtype": "int8"``.
+
+The codes are 1-D on purpose: PEFT (and anything else that loads ``<key>`` into a 2-D
+LoRA weight) then fails with a size mismatch instead of silently casting codes to floats.
+`load_adapter` reads all four precisions back into float32 LoRA weights;
+`convert_adapter` re-saves an adapter directory at another precision without a model.
+
 Saving replaces a previous adapter in the directory (its two files are ours to replace);
 a directory holding anything else is refused unless ``overwrite=True`` (which keeps those
 files), and one holding a full model is always refused.
@@ -33,23 +52,31 @@ import torch
 from torch import nn
 
 from qlora.adapters._peft_files import (
+    ABSMAX_SUFFIX,
+    ADAPTER_DTYPES,
+    BLOCKSIZE_KEY,
     CONFIG_NAME,
+    DTYPE_KEY,
+    INT8_BLOCKSIZE,
     PREFIX,
+    SHAPES_KEY,
     WEIGHTS_NAME,
     AdapterFormatError,
     AdapterNotFoundError,
     check_finite,
+    check_pairs,
     find_files,
     match_weights,
     parse_config,
     read_weights,
 )
-from qlora.config import ConfigError, LoraConfig
-from qlora.files import check_destination, staged_directory
+from qlora.config import AdapterDtype, ConfigError, LoraConfig
+from qlora.files import check_destination, refuse_source, staged_directory
 from qlora.models.destination import refuse_model_directory
 from qlora.models.safetensors_io import write_safetensors
 from qlora.nn.inject import add_lora, lora_layers, set_adapter
 from qlora.nn.lora import LoRALinear
+from qlora.quant import quantize
 
 __all__ = [
     "CONFIG_NAME",
@@ -57,6 +84,8 @@ __all__ = [
     "AdapterFormatError",
     "AdapterNotFoundError",
     "adapter_config",
+    "convert_adapter",
+    "encode_weights",
     "load_adapter",
     "save_adapter",
 ]
@@ -199,6 +228,82 @@ def _layers_with(model: nn.Module, adapter: str) -> list[tuple[str, LoRALinear]]
     return layers
 
 
+# -- precision ----------------------------------------------------------------------------------
+
+_FLOAT16_MAX = 65504.0
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in ADAPTER_DTYPES:
+        raise ValueError(
+            f"unknown adapter dtype {dtype!r}; choose one of {', '.join(ADAPTER_DTYPES)}"
+        )
+
+
+def _int8_tensors(key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``key``: int8 codes [n]; ``key + ABSMAX_SUFFIX``: float32 scales [ceil(n / 64)]."""
+    state = quantize(weight.float(), "int8", INT8_BLOCKSIZE, double_quant=False)
+    # int8 codebook index i stands for (i - 128) / 127; |x / m| <= 1 never picks i = 0
+    codes = (state.packed.view(-1).to(torch.int16) - 128).to(torch.int8)  # [n]
+    return {key: codes, key + ABSMAX_SUFFIX: state.absmax.float().contiguous()}
+
+
+def _float_tensors(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Each weight cast to ``dtype``; float16's range checked first (beyond it: inf)."""
+    if dtype == "float16":
+        for key, weight in tensors.items():
+            peak = float(weight.detach().abs().max()) if weight.numel() else 0.0
+            if peak > _FLOAT16_MAX:
+                raise ValueError(
+                    f"{key} holds values up to {peak:.4g}, beyond float16's range (65504); "
+                    "save it as bfloat16 or float32"
+                )
+    target = getattr(torch, dtype)
+    return {k: t.detach().cpu().to(target).contiguous() for k, t in tensors.items()}
+
+
+def encode_weights(
+    tensors: dict[str, torch.Tensor], dtype: AdapterDtype
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """PEFT key -> weight [rows, cols] as stored at ``dtype``: (tensors, ``__metadata__``).
+
+    Raises:
+        ValueError: an unknown ``dtype``, a value beyond float16's range (|x| > 65504) for
+            ``"float16"``, or NaN/inf (from `qlora.quant.quantize`) for ``"int8"``.
+    """
+    _check_dtype(dtype)
+    metadata = {"format": "pt"}
+    if dtype != "int8":
+        return _float_tensors(tensors, dtype), metadata
+    stored: dict[str, torch.Tensor] = {}
+    for key, weight in tensors.items():
+        stored.update(_int8_tensors(key, weight.detach().cpu()))
+    shapes = {key: list(weight.shape) for key, weight in tensors.items()}
+    metadata.update({
+        DTYPE_KEY: "int8",
+        BLOCKSIZE_KEY: str(INT8_BLOCKSIZE),
+        SHAPES_KEY: json.dumps(shapes, sort_keys=True, separators=(",", ":")),
+    })  # fmt: skip
+    return dict(sorted(stored.items())), metadata
+
+
+def _write(
+    directory: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    dtype: AdapterDtype,
+) -> None:
+    """The two files, staged and published together (the config last)."""
+    stored, metadata = encode_weights(dict(sorted(tensors.items())), dtype)
+    config = {k: v for k, v in config.items() if k != DTYPE_KEY}
+    if dtype == "int8":  # plain precisions stay plain PEFT configs
+        config[DTYPE_KEY] = "int8"
+    with staged_directory(directory, last=[CONFIG_NAME]) as staging:
+        write_safetensors(staging / WEIGHTS_NAME, stored, metadata)
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        (staging / CONFIG_NAME).write_text(text, encoding="utf-8")
+
+
 def save_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -206,6 +311,7 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     *,
     overwrite: bool = False,
+    dtype: AdapterDtype = "float32",
 ) -> Path:
     """Write adapter ``adapter`` of ``model`` to ``directory`` in PEFT's layout.
 
@@ -226,14 +332,18 @@ def save_adapter(
         base_model_name_or_path: recorded in the config for PEFT's ``AutoPeftModel``;
             default: the model's ``config._name_or_path`` or the source it was loaded from.
         overwrite: write beside other files, as above.
+        dtype: precision of A and B in the file: "float32", "bfloat16", "float16" (plain
+            PEFT files) or "int8" (our blockwise extension; see the module docstring).
 
     Returns:
         ``Path(directory)``.
 
     Raises:
-        ValueError: the model has no adapter ``adapter``.
+        ValueError: the model has no adapter ``adapter``, an unknown ``dtype``, or values
+            that ``dtype`` cannot hold (beyond float16's range; NaN/inf for int8).
         qlora.files.DestinationError: the destination is refused, as above.
     """
+    _check_dtype(dtype)
     config = adapter_config(model, adapter, base_model_name_or_path)
     refuse_model_directory(directory, "an adapter")
     check_destination(directory, overwrite=overwrite, ours=(CONFIG_NAME, WEIGHTS_NAME))
@@ -241,10 +351,50 @@ def save_adapter(
     for name, layer in _layers_with(model, adapter):
         for ab, linear in (("A", layer.lora_A[adapter]), ("B", layer.lora_B[adapter])):
             tensors[f"{PREFIX}{name}.lora_{ab}.weight"] = linear.weight.detach().cpu()
-    with staged_directory(directory, last=[CONFIG_NAME]) as staging:
-        write_safetensors(staging / WEIGHTS_NAME, dict(sorted(tensors.items())))
-        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        (staging / CONFIG_NAME).write_text(text, encoding="utf-8")
+    _write(directory, tensors, config, dtype)
+    return Path(directory)
+
+
+def convert_adapter(
+    source: str | os.PathLike,
+    directory: str | os.PathLike,
+    dtype: AdapterDtype,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Re-save the adapter in ``source`` at precision ``dtype`` in ``directory``; no model needed.
+
+    The config is kept as it is (every key; only the int8 marker changes) and the weights are
+    read at their stored precision (int8 decoded to float32) and written at ``dtype``, so
+    converting up (int8 -> float32) is exact but does not restore what int8 rounded away.
+
+    Args:
+        source: an adapter directory (`save_adapter`'s or PEFT's), any of the four precisions.
+        directory: the destination, a new or empty directory; never ``source``.
+        dtype: "float32", "bfloat16", "float16" or "int8" (see the module docstring).
+        overwrite: write into a non-empty directory, replacing only the two adapter files.
+
+    Returns:
+        ``Path(directory)``.
+
+    Raises:
+        AdapterNotFoundError, AdapterFormatError: ``source`` is missing or malformed (nothing
+            is written).
+        ValueError: an unknown ``dtype`` or values ``dtype`` cannot hold.
+        qlora.files.DestinationError: ``directory`` is ``source``, holds a model, or is not
+            empty and not ``overwrite``.
+    """
+    _check_dtype(dtype)
+    source = Path(source)
+    config_path, weights_path = find_files(source)
+    spec = parse_config(config_path)
+    tensors = read_weights(weights_path)
+    check_pairs(tensors, spec, weights_path)
+    refuse_source(directory, [source], "the adapter")
+    refuse_model_directory(directory, "an adapter")
+    check_destination(directory, overwrite=overwrite)
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    _write(directory, {k: t.float() for k, t in tensors.items()}, config, dtype)
     return Path(directory)
 
 

@@ -34,6 +34,7 @@ from qlora.optim.build import OptimizerName
 from qlora.quant.codebooks import BaseKind
 
 __all__ = [
+    "AdapterDtype",
     "ConfigError",
     "DataConfig",
     "GenerationConfig",
@@ -52,6 +53,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# How a saved adapter stores A and B: a float dtype (plain PEFT files) or our blockwise int8
+# (qlora.adapters.peft_format documents the layout; only qlora reads it back).
+AdapterDtype = Literal[DtypeName, "int8"]
 
 TargetModules = str | list[str]
 
@@ -239,6 +244,9 @@ class TrainConfig:
         log_every: print a line every N steps (metrics.jsonl gets every step).
         seed: seeds Python, torch and the data order.
         tensorboard: also log to TensorBoard (needs the tensorboard package).
+        adapter_dtype: precision of the final adapter in <output_dir>/adapter: "float32",
+            "bfloat16" or "float16" (plain PEFT files, half the size), or "int8" (blockwise
+            absmax, about a quarter; only qlora loads it). Checkpoints stay float32.
     """
 
     SECTION: ClassVar[str] = "train"
@@ -264,6 +272,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     tensorboard: bool = False
+    adapter_dtype: AdapterDtype = "float32"
 
     def __post_init__(self) -> None:
         check_fields(self)
