@@ -413,27 +413,66 @@ def _export_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_base(args: argparse.Namespace) -> str:
+    """The base an adapter belongs to: --model, else its own base_model_name_or_path when
+    that is a model here (a directory, a .gguf, a registered name), else the default model."""
+    import json
+
+    from qlora.models.registry import registered_path
+
+    if args.model:
+        return args.model
+    config = Path(args.adapter[0]) / "adapter_config.json"
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if base and (Path(base).exists() or registered_path(str(base)) is not None):
+        return str(base)
+    return _default_model()
+
+
 def _export_adapter(args: argparse.Namespace) -> int:
+    """The adapter as a llama.cpp LoRA GGUF; then its fidelity: the file applied to the base
+    GGUF (when the base is one) against our base + adapter."""
+    from qlora.export.fidelity import adapter_fidelity_report, fidelity_path, write_fidelity_report
     from qlora.export.gguf_adapter import export_adapter_gguf
+    from qlora.export.gguf_model import check_gguf_destination
+    from qlora.models.registry import registered_path
 
     if len(args.adapter) != 1:
         raise ValueError("--format gguf-adapter exports one adapter: give --adapter DIR once")
+    name = _adapter_base(args)
+    base = registered_path(name) or Path(name)
+    base_gguf = base if base.suffix == ".gguf" and base.is_file() else None
+    if args.ollama and base_gguf is None:
+        raise ValueError(
+            f"--ollama needs the base as a GGUF file for FROM; {name!r} is not one: pass "
+            "--model BASE.gguf (or export the base with --format gguf)"
+        )
+    if args.fidelity:  # refused before any work, as for the merged report
+        check_gguf_destination(fidelity_path(args.output), args.overwrite)
     path = export_adapter_gguf(
         args.adapter[0], args.output, model=args.model, overwrite=args.overwrite
     )
     print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+    if args.fidelity:
+        args.model = name
+        args.quant = getattr(args, "quant", "nf4")  # the base the adapter was trained against
+        model, tok = _load(args)
+        if _fidelity_fits(model):
+            report = adapter_fidelity_report(model, tok, path, base_gguf)
+            print(f"{report} (wrote {write_fidelity_report(report)})")
+            if base_gguf is not None and args.quant != "gguf":
+                print(
+                    f"  ours: the adapter on a {args.quant} base; an adapter trained with "
+                    "quant.kind gguf runs on exactly the GGUF's weights (--quant gguf)"
+                )
     if args.ollama:
         from qlora.export.ollama import write_modelfile
-        from qlora.models.registry import registered_path
 
-        name = args.model or _default_model()
-        base = registered_path(name) or Path(name)
-        if base.suffix != ".gguf" or not base.is_file():
-            raise ValueError(
-                f"--ollama needs the base as a GGUF file for FROM; {name!r} is not one: pass "
-                "--model BASE.gguf (or export the base with --format gguf)"
-            )
-        print(f"wrote {write_modelfile(base, adapter_gguf=path, overwrite=args.overwrite)}")
+        assert base_gguf is not None  # checked above
+        print(f"wrote {write_modelfile(base_gguf, adapter_gguf=path, overwrite=args.overwrite)}")
     return 0
 
 
@@ -588,7 +627,7 @@ def _add_export(commands: Any) -> None:
         default=argparse.SUPPRESS,
         help=(
             "quantization of the base the adapter was trained against (default: nf4 with "
-            "--adapter, none without)"
+            "--adapter, none without; gguf: the .gguf's own blocks)"
         ),
     )
     ex.add_argument(
@@ -602,8 +641,9 @@ def _add_export(commands: Any) -> None:
         dest="fidelity",
         action="store_false",
         help=(
-            "gguf: skip the fidelity report (the file read back vs our forward on held-out "
-            "text, written as OUTPUT.fidelity.json; needs a float32 copy of the model)"
+            "gguf, gguf-adapter: skip the fidelity report (the file read back vs our forward "
+            "on held-out text, written as OUTPUT.fidelity.json; needs a float32 copy of the "
+            "model)"
         ),
     )
     ex.add_argument(

@@ -88,13 +88,35 @@ def test_adapter_format_and_ollama_are_wired(monkeypatch: Any, tmp_path: Path, c
     base.write_bytes(b"gguf")
     out = str(tmp_path / "a.gguf")
     argv = ["export", out, "--format", "gguf-adapter", "--adapter", "ad", "--model", str(base)]
-    assert main([*argv, "--overwrite", "--ollama"]) == 0
+    assert main([*argv, "--overwrite", "--ollama", "--no-fidelity"]) == 0
     assert calls == [
         ("adapter", "ad", out, str(base), True),
         ("ollama", "base.gguf", Path(out), True),
     ]
     assert main(["export", out, "--format", "gguf-adapter"]) == 2
     assert "give --adapter DIR once" in _error(capsys)
+
+
+def test_adapter_export_ends_with_its_fidelity_report(
+    tiny_dir: Path, tmp_path: Path, capsys: Any
+) -> None:
+    from qlora import LoraConfig, add_lora, load_model, save_adapter
+    from qlora.export import read_fidelity_report
+    from qlora.nn import lora_layers
+
+    model, _ = load_model(tiny_dir, None, progress=False, tokenizer=False)
+    add_lora(model, LoraConfig(r=4, alpha=8.0, use_rslora=True))
+    with torch.no_grad():  # B = 0 would make any file look faithful
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_dir))
+    out = tmp_path / "adapter.gguf"
+    argv = ["export", str(out), "--format", "gguf-adapter", "--adapter", str(tmp_path / "adapter")]
+    assert main([*argv, "--quant", "none"]) == 0  # the base: the adapter's own, full precision
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "fidelity of adapter.gguf" in printed
+    report = read_fidelity_report(out)
+    assert report.top1 == 1.0 and report.max_logit_diff < 1e-3
 
 
 def test_ollama_modelfile_beside_the_merged_gguf(tiny_dir: Path, tmp_path: Path) -> None:
