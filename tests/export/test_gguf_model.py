@@ -14,7 +14,8 @@ import transformers
 
 from qlora.adapters.merge import merged_state_dict
 from qlora.config import LoraConfig, QuantConfig
-from qlora.export.gguf_model import GGUFExportError, export_gguf
+from qlora.export import gguf_model
+from qlora.export.gguf_model import GGUFExportError, export_gguf, quantize_rows
 from qlora.files import DestinationError
 from qlora.models.gguf_names import (
     ARCHITECTURES,
@@ -166,6 +167,24 @@ def test_quantized_equal_gguf_quantize(tmp_path: Path, tokenizer: Any, type: str
         assert np.abs(back - permuted[t.name]).max() <= tol * scale, t.name
 
 
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_quantize_rows_is_gguf_quantize_byte_for_byte(
+    monkeypatch: pytest.MonkeyPatch, qtype: Q
+) -> None:
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((37, 128)).astype(np.float32)  # [out, in]
+    data[3, :32] = 0.0  # an all-zero block (scale 0)
+    data[5, 7] = 40.0  # an outlier that sets its block's scale
+    # 3 rows per call: 12 full groups and a last group of 1 row
+    monkeypatch.setattr(gguf_model, "QUANTIZE_CHUNK_ELEMENTS", 3 * 128 + 5)
+    got = quantize_rows(data, qtype)
+    want = gguf.quants.quantize(data, qtype)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
+    flat = data[0]  # [n]: one call, unchanged
+    assert quantize_rows(flat, qtype).tobytes() == gguf.quants.quantize(flat, qtype).tobytes()
+
+
 def test_adapter_merged_into_dequantized_base(tmp_path: Path, tokenizer: Any) -> None:
     model = quantize_model(_model(tokenizer), QuantConfig(kind="nf4"))
     model = randomize(add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0)))
@@ -176,6 +195,31 @@ def test_adapter_merged_into_dequantized_base(tmp_path: Path, tokenizer: Any) ->
     got = _hf_order(q.name, q.data, model)
     np.testing.assert_array_equal(got, ours[q.name])
     assert not np.allclose(got, plain[q.name], atol=1e-3)  # the adapter and NF4 did change it
+
+
+def test_fast_merge_is_merged_weight_bit_for_bit(tokenizer: Any) -> None:
+    from qlora.nn.lora import LoRALinear, merge_adapter, merged_weight
+
+    model = quantize_model(_model(tokenizer), QuantConfig(kind="nf4"))
+    model = randomize(add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0, use_rslora=True)))
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    delta = gguf_model._DeltaBuffer()  # shared by every layer, as in the export
+    results = []
+    for layer in layers:
+        make = gguf_model._fast_merge(layer, delta)
+        assert make is not None
+        results.append(make())
+    # The buffer is reused across layers and shapes: every result must still be its own.
+    for layer, result in zip(layers, results, strict=True):
+        assert torch.equal(result, merged_weight(layer))
+    layers[0].disabled = True  # the base alone, still the fast path
+    assert torch.equal(gguf_model._fast_merge(layers[0], delta)(), merged_weight(layers[0]))
+    # Merged in place, or non-float32 adapters: the merge plan's reference path.
+    merge_adapter(layers[1])
+    assert gguf_model._fast_merge(layers[1], delta) is None
+    layers[2].lora_A["default"].to(torch.bfloat16)
+    assert gguf_model._fast_merge(layers[2], delta) is None
+    assert gguf_model._fast_merge(torch.nn.Linear(4, 4), delta) is None
 
 
 def test_tied_head_is_not_written_and_untied_is(tmp_path: Path, tokenizer: Any) -> None:
