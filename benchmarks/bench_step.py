@@ -10,6 +10,8 @@ clipping at 0.3 - with and without gradient checkpointing. The arms:
     ours-qlora     qlora.load_model(quant="nf4", double quant): 4-bit base, qlora.train
     ours-qlora-heap   the same with train.malloc_mmap_kb=0 (glibc keeps freed memory: faster
                    here, bigger; not run unless named in --arms)
+    ours-qlora-gguf   quant="gguf": the GGUF's own Q4_1 blocks as the base (a .gguf model
+                   only; not run unless named in --arms)
     peft-lora      transformers float32 model + peft.get_peft_model, a plain training loop
     peft-qlora     transformers + BitsAndBytesConfig(load_in_4bit, nf4, double quant)
                    + prepare_model_for_kbit_training + peft, the same loop
@@ -49,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 ARMS = ("ours-lora", "ours-qlora", "peft-lora", "peft-qlora")
-EXTRA_ARMS = ("ours-qlora-heap",)  # ours QLoRA with glibc's default malloc (malloc_mmap_kb=0)
+# ours QLoRA with glibc's default malloc (malloc_mmap_kb=0); ours over the GGUF's own blocks
+EXTRA_ARMS = ("ours-qlora-heap", "ours-qlora-gguf")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LR, CLIP = 2e-4, 0.3
 
@@ -74,7 +77,9 @@ def _ours(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
     cuda = args.device == "cuda"
     model, _ = qlora.load_model(
         args.model,
-        quant="nf4" if arm.startswith("ours-qlora") else None,
+        quant=("gguf" if arm == "ours-qlora-gguf" else "nf4")
+        if arm.startswith("ours-qlora")
+        else None,
         double_quant=True,
         dtype="bfloat16" if cuda else "float32",
         device=args.device,

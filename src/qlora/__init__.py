@@ -3,7 +3,7 @@
 The public API (see DESIGN.md §3); everything else is internal and may change.
 """
 
-from qlora.adapters import export_merged, load_adapter, save_adapter
+from qlora.adapters import convert_adapter, export_merged, load_adapter, save_adapter
 from qlora.config import (
     ConfigError,
     DataConfig,
@@ -47,6 +47,7 @@ __all__ = [
     "TrainingError",
     "__version__",
     "add_lora",
+    "convert_adapter",
     "dequantize",
     "disable_adapters",
     "evaluate",
