@@ -32,8 +32,9 @@ import gguf
 import numpy as np
 import torch
 
-from qlora.kernels import c_extension
+from qlora.kernels import c_extension, describe
 from qlora.quant.gguf_blocks import (
+    F16_SCALE_OFFSETS,
     GGUF_BLOCK_KINDS,
     block_shape,
     dequantize_blocks,
@@ -41,21 +42,6 @@ from qlora.quant.gguf_blocks import (
     ggml_type,
     row_bytes,
 )
-
-# byte offsets of each kind's float16 scale fields inside a block
-SCALE_OFFSETS = {
-    "q4_0": (0,),
-    "q4_1": (0, 2),
-    "q5_0": (0,),
-    "q5_1": (0, 2),
-    "q8_0": (0,),
-    "q2_k": (80, 82),
-    "q3_k": (108,),
-    "q4_k": (0, 2),
-    "q5_k": (0, 2),
-    "q6_k": (208,),
-}
-FLAGS = ("sse4_2", "avx", "avx2", "f16c", "fma", "avx512f", "avx512bw", "avx512_bf16")
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -74,22 +60,10 @@ def random_blocks(kind: str, size: int, seed: int = 0) -> np.ndarray:
     elements, nbytes = block_shape(kind)
     nblocks = size * size // elements
     raw = rng.integers(0, 256, (nblocks, nbytes), dtype=np.uint8)
-    for offset in SCALE_OFFSETS[kind]:
+    for offset in F16_SCALE_OFFSETS[kind]:
         scale = (rng.standard_normal(nblocks) * 0.01).astype(np.float16)
         raw[:, offset : offset + 2] = scale.view(np.uint8).reshape(nblocks, 2)
     return raw.reshape(size, row_bytes(kind, size))
-
-
-def cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in FLAGS if flag in present]
-    except OSError:
-        pass
-    return []
 
 
 def bench_kind(kind: str, size: int, repeats: int) -> dict[str, float]:
@@ -129,7 +103,7 @@ def main() -> None:
 
     kernel = c_extension("gguf")
     f16c = kernel.has_f16c() if kernel is not None else False
-    flags = cpu_flags()
+    flags = describe()["cpu features"].split()
     print(
         f"GGUF dequantize {args.size}x{args.size} | {platform.processor() or platform.machine()}"
         f" | {args.threads} threads | gguf {version('gguf')}"

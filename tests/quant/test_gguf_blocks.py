@@ -10,6 +10,7 @@ import torch
 from qlora.kernels import c_extension
 from qlora.quant import gguf_blocks as gb
 from qlora.quant.gguf_blocks import (
+    F16_SCALE_OFFSETS,
     GGUF_BLOCK_KINDS,
     bits_per_weight,
     block_shape,
@@ -24,19 +25,6 @@ from ..conftest import requires_cuda
 
 needs_kernel = pytest.mark.skipif(c_extension("gguf") is None, reason="C kernel not built")
 
-# byte offsets of each kind's float16 scale fields inside a block (gguf/quants.py's splits)
-SCALE_OFFSETS = {
-    "q4_0": (0,),
-    "q4_1": (0, 2),
-    "q5_0": (0,),
-    "q5_1": (0, 2),
-    "q8_0": (0,),
-    "q2_k": (80, 82),
-    "q3_k": (108,),
-    "q4_k": (0, 2),
-    "q5_k": (0, 2),
-    "q6_k": (208,),
-}
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -49,7 +37,7 @@ def random_blocks(
     elements, nbytes = block_shape(kind)
     nblocks = rows * columns // elements
     raw = rng.integers(0, 256, (nblocks, nbytes), dtype=np.uint8)
-    for offset in SCALE_OFFSETS[kind]:
+    for offset in F16_SCALE_OFFSETS[kind]:
         magnitude = np.exp2(rng.uniform(*exponents, nblocks)) * rng.choice([-1, 1], nblocks)
         scale = magnitude.astype(np.float16)
         assert np.isfinite(scale).all()

@@ -28,6 +28,7 @@ import torch
 from qlora.kernels import c_extension
 
 __all__ = [
+    "F16_SCALE_OFFSETS",
     "GGUF_BLOCK_KINDS",
     "bits_per_weight",
     "block_shape",
@@ -53,6 +54,20 @@ _TYPES: dict[str, gguf.GGMLQuantizationType] = {
     "q6_k": _Q.Q6_K,
 }
 GGUF_BLOCK_KINDS: tuple[str, ...] = tuple(_TYPES)
+# byte offsets of each kind's float16 scale fields inside a block (gguf/quants.py's splits);
+# tests and benchmarks write finite scales there to build valid random blocks
+F16_SCALE_OFFSETS: dict[str, tuple[int, ...]] = {
+    "q4_0": (0,),
+    "q4_1": (0, 2),
+    "q5_0": (0,),
+    "q5_1": (0, 2),
+    "q8_0": (0,),
+    "q2_k": (80, 82),
+    "q3_k": (108,),
+    "q4_k": (0, 2),
+    "q5_k": (0, 2),
+    "q6_k": (208,),
+}
 _KIND_OF_TYPE = {int(qtype): kind for kind, qtype in _TYPES.items()}
 
 # output dtype -> the code the C kernel takes (same codes as cpu.c)
