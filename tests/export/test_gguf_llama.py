@@ -1,10 +1,11 @@
 """The merged GGUF run by the real llama.cpp (llama-cpp-python) against our own forward.
 
-The default model (SmolLM2-135M, tied embeddings) with a random LoRA adapter that changes
-its outputs, merged and exported: llama.cpp must tokenize as our tokenizer does, compute the
-same logits (f32: float tolerance; f16: f16 rounding of the weights) and continue 5 prompts
-greedily with the same 32 tokens; q8_0 must agree on the top-1 token at >= 98% of held-out
-positions. The measured numbers are printed (run with -s) and recorded in docs/export.md.
+The default model (SmolLM2-135M, tied embeddings) with a LoRA adapter trained for a few steps
+(on the GGUF's own Q4_1 blocks, quant="gguf"), merged and exported: llama.cpp must tokenize
+as our tokenizer does, compute the same logits (f32: float tolerance; f16: f16 rounding of
+the weights) and continue 5 prompts greedily with the same 32 tokens; q8_0 is asked for >= 98%
+top-1 agreement on held-out positions (not reached at this model size: see the test). The
+measured numbers are printed (run with -s) and recorded in docs/export.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from qlora.config import LoraConfig  # noqa: E402
 from qlora.export import export_gguf  # noqa: E402
 from qlora.models import load_model  # noqa: E402
-from qlora.nn import add_lora, lora_layers  # noqa: E402
+from qlora.nn import add_lora  # noqa: E402
 from qlora.resources import __file__ as _resources  # noqa: E402
 
 pytestmark = pytest.mark.llama
@@ -38,17 +39,36 @@ HELDOUT = Path(_resources).parent / "heldout.txt"
 N_CTX = 512
 
 
+# What the adapter is trained on: a made-up fact it cannot know, so training visibly moves it.
+TRAIN_TEXTS = [
+    "The lighthouse keeper of Port Quillan is named Odile Varnas.",
+    "Q: Who keeps the lighthouse at Port Quillan? A: Odile Varnas keeps it.",
+    "Odile Varnas has kept the Port Quillan lighthouse for thirty years.",
+]
+
+
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, Path]]:
-    """(our model with a random adapter, tokenizer, directory with f32/f16/q8_0 exports)."""
-    model, tok = load_model("smollm2-135m", quant=None, progress=False)
+    """(our model with a trained adapter, tokenizer, directory with f32/f16/q8_0 exports).
+
+    The base is the GGUF's own Q4_1 blocks (quant="gguf"): bit for bit the float32 model.
+    """
+    model, tok = load_model("smollm2-135m", quant="gguf", progress=False)
     torch.manual_seed(0)  # A's kaiming init
     add_lora(model, LoraConfig(r=8, alpha=16.0, dropout=0.0))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            b = layer.lora_B["default"].weight
-            b.copy_(torch.randn(b.shape, generator=generator) * 0.01)  # [out, r]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=5e-3)
+    model.train()
+    losses = []
+    for _ in range(3):
+        for text in TRAIN_TEXTS:
+            ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses  # it learned the made-up fact
     model.eval()
     directory = tmp_path_factory.mktemp("gguf")
     for kind in ("f32", "f16", "q8_0"):
