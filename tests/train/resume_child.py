@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--optim", default="adamw")
     args = parser.parse_args()
+    # A child of a background job (`cmd &` without job control) starts with SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: restore it, as a terminal has it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.set_num_threads(1)
     model = tiny_llama(vocab=VOCAB, seed=0)
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))

@@ -6,6 +6,8 @@ optim ask it for their kernels instead of importing the extensions themselves.
 * ``_cpu`` (``cpu.c``): blockwise k-bit dequantize / quantize and the fused 8-bit AdamW step.
 * ``_ops`` (``ops.c``): counter-based dropout for the fused LoRA path.
 * ``_gguf`` (``gguf.c``): GGUF block dequantize (llama.cpp's Q4_0 ... Q6_K layouts).
+* ``_matvec`` (``matvec.c``): fused dequantize + few-row matmul for decoding (AVX-512 / AVX2 /
+  scalar, chosen at run time).
 * ``triton_dequant.py`` / ``triton_matmul.py``: the CUDA kernels (Triton).
 
 Every kernel has a PyTorch reference it is tested against bit for bit, and the reference runs
@@ -29,6 +31,7 @@ C_EXTENSIONS = {
     "cpu": "blockwise dequantize/quantize, fused 8-bit AdamW",
     "ops": "counter-based dropout",
     "gguf": "GGUF block dequantize (Q4_0 ... Q6_K), bit-identical to the gguf package",
+    "matvec": "fused dequantize + skinny matmul for decoding (few rows)",
 }
 
 
@@ -94,7 +97,7 @@ def _describe_c() -> dict[str, str]:
     if cpu is not None:  # the path it takes on this CPU (chosen at run time)
         rows["cpu dequant kernel"] = "avx2" if cpu.has_avx2() else "scalar (no AVX2 on this CPU)"
     flags = _cpu_flags()
-    # our kernels have AVX2 paths only; AVX-512 matters for peers (bitsandbytes' CPU kernels)
+    # AVX2 and (matvec) AVX-512 paths are ours; avx512_bf16 matters for peers (bitsandbytes)
     wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16")
     rows["cpu features"] = " ".join(f for f in wanted if f in flags) or "unknown"
     return rows

@@ -1,0 +1,163 @@
+"""The fused few-row kernel (qlora/kernels/matvec.c) against x @ dequantize(state)ᵀ.
+
+Tolerance: the kernel forms every weight exactly as the reference does (code * absmax, one
+float32 product; double-quantized scales decoded with the reference's two roundings), so the
+only difference is the float32 summation order of each dot product. We assert, element-wise,
+``|ours - reference| <= MATVEC_RTOL * (|x| @ |W|ᵀ)`` with MATVEC_RTOL = 1e-5 (the observed
+worst case is ~2e-7 for in = 512; a reordered float32 sum of n terms is bounded by about
+n * 2^-24 times that quantity).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from qlora.kernels import c_extension
+from qlora.quant import dequantize, quantize
+from qlora.quant.matvec import (
+    MATVEC_MAX_ROWS,
+    MATVEC_RTOL,
+    matvec_applies,
+    quantized_matmul_few,
+)
+
+KERNEL = c_extension("matvec")
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="qlora.kernels._matvec is not built")
+OUT, IN = 37, 512  # 37 output rows: odd, not a multiple of the thread count or of a row pair
+
+
+def _reference(x: torch.Tensor, state) -> torch.Tensor:
+    return x.float() @ dequantize(state, torch.float32).t()
+
+
+def _assert_close(ours: torch.Tensor, x: torch.Tensor, state) -> None:
+    weight = dequantize(state, torch.float32)  # [out, in]
+    reference = x.float() @ weight.t()
+    bound = MATVEC_RTOL * (x.float().abs() @ weight.abs().t())
+    assert ours.dtype == torch.float32 and ours.shape == reference.shape
+    excess = (ours - reference).abs() - bound
+    assert bool((excess <= 0).all()), f"max excess over the bound {excess.max().item():.3g}"
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("kind", "double_quant", "blocksize", "rows"),
+    list(itertools.product(["nf4", "fp4", "nf2", "int8"], [False, True], [64, 128, 256],
+                           [1, 2, 5, 16])),
+)  # fmt: skip
+def test_kernel_matches_reference(kind: str, double_quant: bool, blocksize: int, rows: int) -> None:
+    torch.manual_seed(rows + blocksize)
+    state = quantize(torch.randn(OUT, IN), kind, blocksize, double_quant)
+    x = torch.randn(rows, IN)
+    assert matvec_applies(x, state)
+    _assert_close(quantized_matmul_few(x, state), x, state)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("kind", "double_quant"), list(itertools.product(["nf4", "fp4", "nf2", "int8"], [False, True]))
+)
+def test_every_cpu_path_matches_reference(kind: str, double_quant: bool) -> None:
+    """The scalar and AVX2 paths too, not only the one this CPU picks (path <= the best)."""
+    torch.manual_seed(1)
+    state = quantize(torch.randn(OUT, IN), kind, 32, double_quant)
+    x = torch.randn(5, IN)
+    best = ["scalar", "avx2", "avx512"].index(KERNEL.best_path())
+    nested = state.nested
+    for path in range(best + 1):
+        y = torch.empty(5, OUT)
+        args = [
+            x.data_ptr(), state.packed.data_ptr(), 0 if nested else state.absmax.data_ptr(),
+            state.code.data_ptr(), y.data_ptr(), 5, OUT, IN, 32, state.bits, 2, path,
+        ]  # fmt: skip
+        if nested is not None:  # scales decoded in the kernel
+            args += [state.absmax.data_ptr(), nested.code.data_ptr(), nested.absmax.data_ptr()]
+            args += [float(nested.offset), nested.blocksize]
+        KERNEL.matmul(*args)
+        _assert_close(y, x, state)
+
+
+@needs_kernel
+def test_int8_with_another_codebook_takes_the_gather_path() -> None:
+    from dataclasses import replace
+
+    torch.manual_seed(2)
+    state = quantize(torch.randn(OUT, IN), "int8", 64, True)
+    state = replace(state, code=state.code * 0.75)  # not (i - 128) / 127 any more
+    x = torch.randn(3, IN)
+    _assert_close(quantized_matmul_few(x, state), x, state)
+
+
+@needs_kernel
+def test_leading_dims_bf16_input_and_empty() -> None:
+    torch.manual_seed(3)
+    state = quantize(torch.randn(OUT, IN), "nf4", 64, True)
+    x = torch.randn(2, 3, IN, dtype=torch.bfloat16)
+    ours = quantized_matmul_few(x, state)
+    assert ours.shape == (2, 3, OUT)
+    _assert_close(ours.view(6, OUT), x.view(6, IN), state)
+    assert quantized_matmul_few(torch.empty(0, IN), state).shape == (0, OUT)
+
+
+@needs_kernel
+def test_a_wider_weight_after_a_narrow_one() -> None:
+    """The per-thread row buffer grows (in = 512, then 4096 with out % 4 == 3)."""
+    torch.manual_seed(4)
+    for out, inp in ((OUT, IN), (7, 4096)):
+        state = quantize(torch.randn(out, inp), "nf4", 64, True)
+        x = torch.randn(3, inp)
+        _assert_close(quantized_matmul_few(x, state), x, state)
+
+
+def test_a_state_the_kernel_cannot_trust_gives_the_reference() -> None:
+    from dataclasses import replace
+
+    state = quantize(torch.randn(OUT, IN), "nf4", 64, False)
+    short = replace(state, code=state.code[:8])  # 8 codes for 4-bit indices: would read past
+    x = torch.randn(1, IN)
+    assert not matvec_applies(x, short)
+    assert not matvec_applies(x, replace(state, absmax=state.absmax[:-1]))
+
+
+def test_kernels_disabled_gives_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QLORA_DISABLE_KERNELS", "1")
+    state = quantize(torch.randn(OUT, IN), "nf4", 64, True)
+    x = torch.randn(2, IN)
+    assert not matvec_applies(x, state)
+    assert torch.equal(quantized_matmul_few(x, state), _reference(x, state))
+
+
+def test_ineligible_inputs_give_the_reference() -> None:
+    many = torch.randn(MATVEC_MAX_ROWS + 1, IN)
+    state = quantize(torch.randn(OUT, IN), "nf4", 64, False)
+    assert not matvec_applies(many, state)
+    assert torch.equal(quantized_matmul_few(many, state), _reference(many, state))
+    ragged = quantize(torch.randn(OUT, 96), "nf4", 64, False)  # a row is 1.5 blocks
+    x = torch.randn(1, 96)
+    assert not matvec_applies(x, ragged)
+    assert torch.equal(quantized_matmul_few(x, ragged), _reference(x, ragged))
+
+
+def test_input_that_needs_grad_keeps_its_graph() -> None:
+    state = quantize(torch.randn(OUT, IN), "nf4", 64, False)
+    x = torch.randn(2, IN, requires_grad=True)
+    assert not matvec_applies(x, state)
+    quantized_matmul_few(x, state).sum().backward()
+    assert x.grad is not None and x.grad.shape == (2, IN)
+    with torch.no_grad():
+        assert matvec_applies(x, state) == (KERNEL is not None)
+
+
+def test_wrong_shapes_are_one_line_errors() -> None:
+    state = quantize(torch.randn(OUT, IN), "nf4", 64, False)
+    with pytest.raises(ValueError, match=r"x has 100 features .* expects 512") as err:
+        quantized_matmul_few(torch.randn(2, 100), state)
+    assert "\n" not in str(err.value)
+    flat = quantize(torch.randn(IN), "nf4", 64, False)
+    with pytest.raises(ValueError, match=r"2-D \[out, in\] weight; the state has shape \(512,\)"):
+        quantized_matmul_few(torch.randn(1, IN), flat)
+    with pytest.raises(ValueError, match=r"must be float32, bfloat16 or float16, got torch\.int64"):
+        quantized_matmul_few(torch.ones(1, IN, dtype=torch.long), state)

@@ -1,0 +1,110 @@
+"""A tiny random Llama served by `qlora serve`'s app on 127.0.0.1 (ephemeral port), adapters
+with large random B (so they change the answer), and reference models to compare with."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.export.conftest import tiny_tokenizer
+from tests.tiny_models import tiny_llama
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+CONTEXT = 512  # the tiny model's context: small, so overflow is easy to ask for
+BASE = "tiny-base"
+_STARTUP_S = 20.0
+_SHUTDOWN_S = 10.0
+
+
+def make_model(tokenizer: Any) -> torch.nn.Module:
+    """The same random tiny Llama every time (seed 0)."""
+    return tiny_llama(seed=0, vocab=len(tokenizer), max_position_embeddings=CONTEXT)
+
+
+def make_adapter(tokenizer: Any, directory: Path, seed: int) -> Path:
+    """A rank-4 adapter on every linear with B drawn large, saved as PEFT files."""
+    from qlora import add_lora, save_adapter
+    from qlora.config import LoraConfig
+
+    model = make_model(tokenizer)
+    add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return save_adapter(model, directory)
+
+
+def reference(tokenizer: Any, adapter: Path | None = None) -> torch.nn.Module:
+    """A separate model to compute expected answers with `qlora.generate` (never served)."""
+    from qlora import load_adapter
+
+    model = make_model(tokenizer)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model
+
+
+@contextlib.contextmanager
+def running(app: Any) -> Iterator[str]:
+    """Serves ``app`` with uvicorn in a thread on 127.0.0.1:<free port>; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + _STARTUP_S
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(_SHUTDOWN_S)
+        sock.close()
+
+
+@dataclass
+class Served:
+    url: str
+    engine: Any
+    tokenizer: Any
+    adapters: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The base plus adapter "alpha" (loaded before start); "beta" is on disk, not loaded."""
+    from qlora import load_adapter
+    from qlora.serve import SequentialEngine
+    from qlora.serve.app import create_app
+
+    tokenizer = tiny_tokenizer()
+    root = tmp_path_factory.mktemp("adapters")
+    adapters = {n: make_adapter(tokenizer, root / n, s) for n, s in [("alpha", 1), ("beta", 2)]}
+    model = make_model(tokenizer)
+    load_adapter(model, adapters["alpha"], name="alpha")
+    engine = SequentialEngine(model, tokenizer, BASE)
+    try:
+        with running(create_app(engine)) as url:
+            yield Served(url, engine, tokenizer, adapters)
+    finally:
+        engine.close()

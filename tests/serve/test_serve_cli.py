@@ -1,0 +1,98 @@
+"""`qlora serve`'s command line: flags, wiring to the engine, one-line errors (no network)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qlora import cli
+from tests.export.conftest import tiny_tokenizer
+from tests.serve.conftest import make_adapter, make_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny")
+    tokenizer = tiny_tokenizer()
+    make_model(tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Replaces the blocking server with a recorder of what it was given."""
+    import qlora.serve.app
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(engine: Any, **kwargs: Any) -> None:
+        seen.update(engine=engine, **kwargs)
+        engine.close()
+
+    monkeypatch.setattr(qlora.serve.app, "run_server", fake_run)
+    return seen
+
+
+def test_defaults_bind_localhost() -> None:
+    args = cli.build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.adapter) == ("127.0.0.1", 8000, [])
+
+
+@pytest.mark.parametrize(
+    "flags", [["--adapter", "no-name"], ["--adapter", "=x"], ["--port", "99999"]]
+)
+def test_bad_flags_are_argparse_errors(flags: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.build_parser().parse_args(["serve", *flags])
+    assert stop.value.code == 2
+    assert flags[-1] in capsys.readouterr().err
+
+
+def test_serve_wires_model_adapters_and_key(
+    tiny_dir: Path, tmp_path: Path, captured: dict[str, Any]
+) -> None:
+    adapter = make_adapter(tiny_tokenizer(), tmp_path / "a", seed=3)
+    argv = ["serve", "--model", str(tiny_dir), "--adapter", f"mine={adapter}"]
+    assert cli.main([*argv, "--port", "0", "--api-key", "k"]) == 0
+    assert [m.name for m in captured["engine"].models()] == [str(tiny_dir), "mine"]
+    assert (captured["host"], captured["port"], captured["api_key"]) == ("127.0.0.1", 0, "k")
+
+
+def test_a_bad_adapter_is_one_line(
+    tiny_dir: Path, tmp_path: Path, captured: dict[str, Any], capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["serve", "--model", str(tiny_dir), "--adapter", f"x={tmp_path / 'missing'}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"qlora serve: error: --adapter x={tmp_path / 'missing'}: no such adapter directory\n"
+    )
+    assert not captured
+
+
+def test_an_adapter_that_does_not_fit_is_one_line(
+    tiny_dir: Path, tmp_path: Path, captured: dict[str, Any], capsys: pytest.CaptureFixture
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    argv = ["serve", "--model", str(tiny_dir), "--adapter", f"x={broken}"]
+    assert cli.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("qlora serve: error: cannot load adapter 'x'") and str(broken) in last
+    assert not captured
+
+
+def test_missing_extra_names_the_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a)
+    )
+    assert cli.main(["serve"]) == 2
+    assert 'pip install "qlora[serve]"' in capsys.readouterr().err
