@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from importlib.metadata import version
 
 import gguf
 import numpy as np
 import torch
+from timing import median_seconds
 
 from qlora.kernels import c_extension, describe
 from qlora.quant.gguf_blocks import (
@@ -42,16 +41,6 @@ from qlora.quant.gguf_blocks import (
     ggml_type,
     row_bytes,
 )
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def random_blocks(kind: str, size: int, seed: int = 0) -> np.ndarray:

@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import median_seconds
 
 from qlora.kernels import c_extension
 from qlora.nn.qlinear import dequantize_for_matmul
@@ -38,16 +37,6 @@ from qlora.quant.matvec import MATVEC_MAX_ROWS, quantized_matmul_few
 from qlora.quant.state import QuantState
 
 DEFAULT_SHAPES = "576x576,1536x576,576x1536,192x576,4096x4096,11008x4096"
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def kernel_call(state: QuantState, absmax: torch.Tensor) -> Callable[[torch.Tensor], object]:
