@@ -10,7 +10,8 @@ greedy. EOS never ends a sequence early: ``min_new_tokens = max_new_tokens`` for
 the first of them. The arms, each in its own fresh subprocess:
 
     ours-nf4 / ours-int8 / ours-fp32   qlora.load_model(quant=nf4 (double quant) | int8 | None)
-                   then ``model.generate`` (what `qlora.generate.generate_text` runs);
+                   then ``model.generate`` inside ``qlora.nn.fast_decoding`` (what
+                   `qlora.generate.generate_text` runs);
                    ours-nf4 also times ``generate_text`` itself once (batch 1, EOS allowed)
     ...-lora       the same with an unmerged adapter: qlora.add_lora(LoraConfig(r=16,
                    dropout=0)) with every B drawn N(0, 0.01) (B = 0 would be a no-op)
@@ -184,8 +185,10 @@ def _hf_generate(model: Any, ids: Any, mask: Any, pad: int, new: int) -> dict[st
     import torch
     from transformers.generation.streamers import BaseStreamer
 
+    from qlora.nn import fast_decoding  # what generate_text runs in (no-op for other models)
+
     clock = type("Clock", (_Clock, BaseStreamer), {})()
-    with torch.no_grad():
+    with torch.no_grad(), fast_decoding():
         start = time.perf_counter()
         out = model.generate(
             ids,

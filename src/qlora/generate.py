@@ -17,6 +17,7 @@ from torch import nn
 
 from qlora.config import GenerationConfig
 from qlora.data.prompt import prompt_ids, text_ids
+from qlora.nn import fast_decoding
 
 __all__ = ["chat_loop", "generate_text", "prompt_tensor"]
 
@@ -68,7 +69,7 @@ def generate_text(
     if stream is not None:
         kwargs["streamer"] = _streamer(tokenizer, stream, TextStreamer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
+    with torch.no_grad(), fast_decoding():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kwargs)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

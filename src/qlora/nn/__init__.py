@@ -23,7 +23,7 @@ from qlora.nn.lora import (
     merged_weight,
     unmerge_adapter,
 )
-from qlora.nn.qlinear import QuantLinear
+from qlora.nn.qlinear import QuantLinear, fast_decoding
 
 __all__ = [
     "LoRALinear",
@@ -35,6 +35,7 @@ __all__ = [
     "base_weight_dtype",
     "delta_weight",
     "disable_adapters",
+    "fast_decoding",
     "find_targets",
     "init_loftq",
     "loftq_decompose",

@@ -43,7 +43,7 @@ from torch import nn
 
 from qlora.kernels import c_extension
 from qlora.nn.dropout import apply_dropout, draw_seeds
-from qlora.nn.qlinear import QuantLinear, dequantize_for_matmul
+from qlora.nn.qlinear import QuantLinear, dequantize_for_matmul, fast_decoding_applies
 from qlora.quant.scratch import scratch
 
 __all__ = ["fused_lora", "fused_lora_supported"]
@@ -136,6 +136,8 @@ def fused_lora_supported(
     if dropping and c_extension("ops") is None:
         return False
     if isinstance(base, QuantLinear):
+        if fast_decoding_applies(x, base.quant_state):
+            return False  # decoding: the base's own fused matvec beats dequantizing it here
         return base.compute_dtype == torch.float32
     return (
         type(base) is nn.Linear

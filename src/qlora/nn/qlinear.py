@@ -12,6 +12,9 @@ bitsandbytes checkpoint loads with `load_state_dict` and ours loads in bitsandby
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -21,10 +24,35 @@ from torch import nn
 from qlora.dtypes import torch_dtype
 from qlora.quant.blockwise import quantize
 from qlora.quant.dequant import dequantize
+from qlora.quant.matvec import matvec_applies, quantized_matmul_few
 from qlora.quant.scratch import dequantize_scratch
 from qlora.quant.state import QuantState
 
-__all__ = ["QuantLinear", "dequantize_for_matmul", "quantized_matmul"]
+__all__ = ["QuantLinear", "dequantize_for_matmul", "fast_decoding", "quantized_matmul"]
+
+# Whether a CPU forward without autograd may take the fused few-row kernel. Off by default, so
+# that a plain forward stays bit-identical to dequantize-then-matmul (bitsandbytes' logits);
+# generation turns it on. A ContextVar: per thread and per asyncio task, no global switch.
+_FAST_DECODING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "qlora_fast_decoding", default=False
+)
+
+
+@contextlib.contextmanager
+def fast_decoding(enabled: bool = True) -> Iterator[None]:
+    """Within this block, CPU QuantLinear forwards of few rows without autograd use the fused
+    dequantize + matmul kernel (`qlora.quant.matvec`): the same weights, float32 accumulation
+    in another order, so logits agree to float32 rounding rather than bit for bit."""
+    token = _FAST_DECODING.set(enabled)
+    try:
+        yield
+    finally:
+        _FAST_DECODING.reset(token)
+
+
+def fast_decoding_applies(x: torch.Tensor, state: QuantState) -> bool:
+    """Whether this forward takes the fused CPU kernel (inside `fast_decoding`, no autograd)."""
+    return _FAST_DECODING.get() and not torch.is_grad_enabled() and matvec_applies(x, state)
 
 
 def _state_tensors(state: QuantState) -> tuple[torch.Tensor, ...]:
@@ -203,12 +231,16 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [.., in] -> [.., out] (in x's dtype).
 
-        On CUDA, a few tokens without autograd (decoding) take the fused Triton kernel, which
-        reads the 4-bit codes once instead of writing and re-reading a dequantized copy.
+        A few tokens without autograd (decoding) take a fused kernel that reads the k-bit codes
+        once instead of writing and re-reading a dequantized copy: Triton on CUDA, and on the
+        CPU inside `fast_decoding` the C kernel of `qlora.quant.matvec` (float32
+        accumulation; equal to dequantize-then-matmul up to summation order).
         """
         state = self.quant_state
         if x.is_cuda and not state.is_gguf and _fused_decode_applies(x, self.in_features):
             out = _fused_decode(x.to(self.compute_dtype), state)
+        elif fast_decoding_applies(x, state):  # CPU decoding: no dequantized copy
+            out = quantized_matmul_few(x.to(self.compute_dtype), state).to(self.compute_dtype)
         else:
             out = quantized_matmul(x.to(self.compute_dtype), state)
         if self.bias is not None:

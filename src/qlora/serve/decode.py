@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora.nn import fast_decoding
+
 __all__ = ["TextAssembler", "eos_ids", "sample_next", "token_stream"]
 
 
@@ -72,7 +74,7 @@ def token_stream(
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], dtype=torch.long, device=device)  # [1, T]
     cache = None
-    with torch.inference_mode():
+    with torch.inference_mode(), fast_decoding():
         for _ in range(max_tokens):
             if cancelled():
                 return
