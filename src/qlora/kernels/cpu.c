@@ -28,6 +28,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "half.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -51,30 +53,6 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
-static inline uint16_t f32_to_f16(float f) {
-    /* IEEE binary16, round to nearest even, with subnormals, inf and NaN. */
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000u;
-    uint32_t ax = x & 0x7fffffffu;
-    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0));
-    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: inf */
-    if (ax < 0x38800000u) {                                   /* result is subnormal or zero */
-        if (ax < 0x33000000u) return (uint16_t)sign;          /* < 2^-25: rounds to zero */
-        uint32_t exp = ax >> 23;
-        uint32_t mant = (ax & 0x7fffffu) | 0x800000u;
-        uint32_t shift = 126 - exp; /* 14 + (113 - exp) - 1 + ... : value = mant * 2^(exp-150) */
-        uint32_t half = mant >> shift;
-        uint32_t rem = mant & ((1u << shift) - 1u);
-        uint32_t mid = 1u << (shift - 1);
-        if (rem > mid || (rem == mid && (half & 1u))) half += 1;
-        return (uint16_t)(sign | half);
-    }
-    uint32_t out = ((ax >> 13) - (112u << 10));
-    uint32_t rem = ax & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (out & 1u))) out += 1;
-    return (uint16_t)(sign | out);
-}
 
 static inline void store_one(void *out, int64_t i, float v, int dtype) {
     if (dtype == OUT_F32)
@@ -82,7 +60,7 @@ static inline void store_one(void *out, int64_t i, float v, int dtype) {
     else if (dtype == OUT_BF16)
         ((uint16_t *)out)[i] = f32_to_bf16(v);
     else
-        ((uint16_t *)out)[i] = f32_to_f16(v);
+        ((uint16_t *)out)[i] = qlora_f32_to_f16(v);
 }
 
 /* Scalar path for any width: a byte expands to `per` values, first in the high bits. */

@@ -28,6 +28,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "half.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -98,30 +100,6 @@ static inline float f16_to_f32(uint16_t h) {
 
 static inline float load_f16(const uint8_t *p) { return f16_to_f32(load_u16(p)); }
 
-static inline uint16_t f32_to_f16_scalar(float f) {
-    /* IEEE binary16, round to nearest even, with subnormals, inf and NaN (as cpu.c) */
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000u;
-    const uint32_t ax = x & 0x7fffffffu;
-    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0));
-    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: inf */
-    if (ax < 0x38800000u) {                                   /* subnormal or zero */
-        if (ax < 0x33000000u) return (uint16_t)sign;          /* < 2^-25: rounds to zero */
-        const uint32_t exp = ax >> 23;
-        const uint32_t mant = (ax & 0x7fffffu) | 0x800000u;
-        const uint32_t shift = 126 - exp;
-        uint32_t half = mant >> shift;
-        const uint32_t rem = mant & ((1u << shift) - 1u);
-        const uint32_t mid = 1u << (shift - 1);
-        if (rem > mid || (rem == mid && (half & 1u))) half += 1;
-        return (uint16_t)(sign | half);
-    }
-    uint32_t out = (ax >> 13) - (112u << 10);
-    const uint32_t rem = ax & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (out & 1u))) out += 1;
-    return (uint16_t)(sign | out);
-}
 
 /* float32 -> bfloat16, nearest even (as cpu.c), written branch-free so it vectorizes */
 MULTI_TARGET static void store_bf16(const float *restrict src, uint16_t *restrict dst,
@@ -136,7 +114,7 @@ MULTI_TARGET static void store_bf16(const float *restrict src, uint16_t *restric
 }
 
 static void store_f16_scalar(const float *restrict src, uint16_t *restrict dst, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_f16_scalar(src[i]);
+    for (int64_t i = 0; i < n; i++) dst[i] = qlora_f32_to_f16(src[i]);
 }
 
 #ifdef QLORA_X86
@@ -150,7 +128,7 @@ __attribute__((target("avx2,f16c"))) static void store_f16_f16c(const float *res
         const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
         _mm_storeu_si128((__m128i *)(dst + i), h);
     }
-    for (; i < n; i++) dst[i] = f32_to_f16_scalar(src[i]);
+    for (; i < n; i++) dst[i] = qlora_f32_to_f16(src[i]);
 }
 
 static int has_f16c(void) {
