@@ -233,11 +233,17 @@ def _serve(args: argparse.Namespace) -> int:
         if not Path(path).is_dir():
             raise ValueError(f"--adapter {name}={path}: no such adapter directory")
     from qlora.models import load_model
-    from qlora.serve import SequentialEngine
+    from qlora.models.batch_decode import batch_decode_unsupported
+    from qlora.serve import BatchingEngine, SequentialEngine
     from qlora.serve.app import run_server
 
     model, tok = load_model(args.model, quant=_none(args.quant))
-    engine = SequentialEngine(model, tok, args.model, dict(args.adapter))
+    unsupported = batch_decode_unsupported(model)
+    if unsupported is None:
+        engine: Any = BatchingEngine(model, tok, args.model, dict(args.adapter), args.max_batch)
+    else:
+        print(f"qlora serve: one request at a time (no batching for {unsupported})", flush=True)
+        engine = SequentialEngine(model, tok, args.model, dict(args.adapter))
     names = ", ".join(m.name for m in engine.models())
     print(f"qlora serve: {names} at http://{args.host}:{args.port}/v1", flush=True)
     run_server(engine, host=args.host, port=args.port, api_key=args.api_key)
@@ -252,6 +258,16 @@ def _named_adapter(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -264,6 +280,7 @@ def _port(text: str) -> int:
 
 def _add_serve(commands: Any) -> None:
     from qlora.config import ModelConfig, QuantConfig
+    from qlora.serve.batching import DEFAULT_MAX_BATCH
 
     serve = commands.add_parser(
         "serve",
@@ -280,6 +297,12 @@ def _add_serve(commands: Any) -> None:
         type=_named_adapter,
         metavar="NAME=PATH",
         help="a LoRA adapter directory served as model NAME (repeat for more)",
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=DEFAULT_MAX_BATCH,
+        help="most requests decoded together, any mix of adapters (default: %(default)s)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")

@@ -90,11 +90,14 @@ class Served:
     adapters: dict[str, Path]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """The base plus adapter "alpha" (loaded before start); "beta" is on disk, not loaded."""
+@pytest.fixture(scope="module", params=["batching", "sequential"])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    """The base plus adapter "alpha" (on the model before start); "beta" is on disk, not
+    loaded; served by each engine in turn."""
     from qlora import load_adapter
-    from qlora.serve import SequentialEngine
+    from qlora.serve import BatchingEngine, SequentialEngine
     from qlora.serve.app import create_app
 
     tokenizer = tiny_tokenizer()
@@ -102,7 +105,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     adapters = {n: make_adapter(tokenizer, root / n, s) for n, s in [("alpha", 1), ("beta", 2)]}
     model = make_model(tokenizer)
     load_adapter(model, adapters["alpha"], name="alpha")
-    engine = SequentialEngine(model, tokenizer, BASE)
+    if request.param == "batching":
+        engine: Any = BatchingEngine(model, tokenizer, BASE, max_batch=4)
+    else:
+        engine = SequentialEngine(model, tokenizer, BASE)
     try:
         with running(create_app(engine)) as url:
             yield Served(url, engine, tokenizer, adapters)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from qlora import cli
+from qlora.serve import BatchingEngine, SequentialEngine
 from tests.export.conftest import tiny_tokenizer
 from tests.serve.conftest import make_adapter, make_model
 
@@ -40,10 +41,12 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def test_defaults_bind_localhost() -> None:
     args = cli.build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.adapter) == ("127.0.0.1", 8000, [])
+    assert args.max_batch == 8
 
 
 @pytest.mark.parametrize(
-    "flags", [["--adapter", "no-name"], ["--adapter", "=x"], ["--port", "99999"]]
+    "flags",
+    [["--adapter", "no-name"], ["--adapter", "=x"], ["--port", "99999"], ["--max-batch", "0"]],
 )
 def test_bad_flags_are_argparse_errors(flags: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as stop:
@@ -60,6 +63,28 @@ def test_serve_wires_model_adapters_and_key(
     assert cli.main([*argv, "--port", "0", "--api-key", "k"]) == 0
     assert [m.name for m in captured["engine"].models()] == [str(tiny_dir), "mine"]
     assert (captured["host"], captured["port"], captured["api_key"]) == ("127.0.0.1", 0, "k")
+    assert isinstance(captured["engine"], BatchingEngine) and captured["engine"].max_batch == 8
+
+
+def test_max_batch_reaches_the_engine(tiny_dir: Path, captured: dict[str, Any]) -> None:
+    assert cli.main(["serve", "--model", str(tiny_dir), "--max-batch", "3"]) == 0
+    assert captured["engine"].max_batch == 3
+
+
+def test_an_architecture_without_batching_is_served_one_at_a_time(
+    tmp_path: Path, captured: dict[str, Any], capsys: pytest.CaptureFixture
+) -> None:
+    import transformers
+
+    tokenizer = tiny_tokenizer()
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer), n_positions=64
+    )
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert cli.main(["serve", "--model", str(tmp_path), "--quant", "none"]) == 0
+    assert isinstance(captured["engine"], SequentialEngine)
+    assert "one request at a time (no batching for model_type 'gpt2'" in capsys.readouterr().out
 
 
 def test_a_bad_adapter_is_one_line(

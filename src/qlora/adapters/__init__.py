@@ -13,6 +13,7 @@ from qlora.adapters.peft_format import (
     adapter_config,
     convert_adapter,
     load_adapter,
+    read_adapter,
     save_adapter,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "load_adapter",
     "measure_drift",
     "merged_state_dict",
+    "read_adapter",
     "save_adapter",
 ]

@@ -41,6 +41,7 @@ before the model is touched, so a bad file leaves the model as it was.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -87,6 +88,7 @@ __all__ = [
     "convert_adapter",
     "encode_weights",
     "load_adapter",
+    "read_adapter",
     "save_adapter",
 ]
 
@@ -476,3 +478,34 @@ def load_adapter(
                 layer.lora_A[name].weight.requires_grad_(False)
                 layer.lora_B[name].weight.requires_grad_(False)
     return name
+
+
+def read_adapter(
+    model: nn.Module, directory: str | os.PathLike
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The PEFT adapter at ``directory`` as plain tensors fitted to ``model``, which is not
+    changed: module path -> (A [r, in], B [out, r], scaling), float32 on the model's device.
+
+    What a server needs to hot-load an adapter next to running requests: every check of
+    `load_adapter` (files, config, keys, shapes, finite values), none of its surgery.
+
+    Raises:
+        AdapterNotFoundError, AdapterFormatError: as `load_adapter`.
+    """
+    directory = Path(directory)
+    config_path, weights_path = find_files(directory)
+    spec = parse_config(config_path)
+    pairs = match_weights(model, read_weights(weights_path), spec, weights_path)
+    check_finite(pairs, weights_path)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for module, (weight_a, weight_b) in pairs.items():
+        layer = model.get_submodule(module)
+        device = next(itertools.chain(layer.parameters(), layer.buffers())).device
+        r, alpha = spec.rank_alpha(module)
+        scaling = float(alpha) / (math.sqrt(r) if spec.use_rslora else r)
+        weights[module] = (
+            weight_a.to(device=device, dtype=torch.float32).contiguous(),
+            weight_b.to(device=device, dtype=torch.float32).contiguous(),
+            scaling,
+        )
+    return weights

@@ -1,14 +1,14 @@
 """`qlora serve`: an OpenAI-compatible HTTP server over one base model and named adapters.
 
 ``protocol`` (OpenAI's request/response shapes), ``errors`` (HTTP status per error),
-``decode`` (one request's token loop), ``engine`` (`Engine`, the interface; `SequentialEngine`,
-one request at a time), ``app`` (the FastAPI app and `run_server`). FastAPI and uvicorn are
-the ``serve`` extra: ``pip install "qlora[serve]"``.
-
-Not done yet (issue 16): continuous batching, batches that mix adapters, loading adapters
-without waiting for running requests, the fast k-bit decode path.
+``decode`` (token loop and text pieces), ``engine`` (`Engine`, the interface; `SequentialEngine`,
+one request at a time through the model's own forward), ``batching`` (`BatchingEngine`:
+continuous batching, batches mixing adapters, hot-loading; the default), ``app`` (the FastAPI
+app and `run_server`). FastAPI and uvicorn are the ``serve`` extra:
+``pip install "qlora[serve]"``.
 """
 
+from qlora.serve.batching import DEFAULT_MAX_BATCH, BatchingEngine
 from qlora.serve.engine import Engine, GenerationRequest, ModelInfo, Piece, SequentialEngine
 from qlora.serve.errors import (
     AdapterLoadError,
@@ -20,9 +20,11 @@ from qlora.serve.errors import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_BATCH",
     "AdapterLoadError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchingEngine",
     "ContextLengthError",
     "Engine",
     "GenerationRequest",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora.models.sampling import sample_next
 from qlora.nn import fast_decoding
 
 __all__ = ["TextAssembler", "eos_ids", "sample_next", "token_stream"]
@@ -38,24 +39,6 @@ def eos_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return frozenset(ids)
-
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
-) -> int:
-    """The next token from logits [V]: argmax when temperature is 0, else a draw from the
-    temperature-scaled softmax restricted to the top-p nucleus (the most likely token is
-    always kept)."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)  # [V], [V]
-        # Drop a token when the tokens before it already reach top_p.
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def token_stream(

@@ -1,0 +1,407 @@
+"""BatchDecoder: decode many requests at once, each with its own adapter, over one base model.
+
+This is the loop behind `qlora serve`'s continuous batching and `qlora generate`. It runs the
+model's own modules (embedding, norms, rotary embedding, the k-bit or full-precision
+projections) in a forward written for decoding, instead of transformers' generic forward:
+
+* **Rows come and go.** Keys and values live in a `SlotKVCache`: each request owns a row,
+  left-aligned, with its own length. A request joins with `prefill` (its prompt alone, one
+  causal attention over its tokens) and from then on advances one token per `step`
+  together with every other row: each row's query attends to its own columns only (a
+  mask), at its own rotary position. `release` frees a row between steps.
+* **One base matmul for the whole batch, each row's adapter on its own rows.** Every
+  projection calls the *base* layer once on the batch ([n, in] -> [n, out]: the fused k-bit
+  kernel of `qlora.quant.matvec` for a QuantLinear inside `fast_decoding`), then adds
+  scaling · B(A(x)) for each adapter present, on the rows that use it (all rows at once
+  when they share one adapter). Adapters are plain tensors (`LowRank` per module path), not
+  modules: loading one for serving never touches the model, and a row keeps the tensors it
+  started with even if its adapter is unloaded meanwhile.
+* **Little per-token Python.** Module look-ups, masks and rotary angles are prepared once
+  per step, not per layer; nothing is allocated per token but the activations.
+
+The math is transformers' Llama forward (RMSNorm, rotary embedding by the model's own
+rotary module, grouped-query attention by `scaled_dot_product_attention`, SwiGLU MLP), for
+the architectures that share it: llama, mistral and qwen2 (full attention; sliding windows
+only when wider than the context), qwen3 (with its q/k norms). Tested against transformers'
+forward and ``generate`` (greedy tokens equal on the default model) and against the
+composed `LoRALinear` forward for adapters; a row's logits do not depend on the other rows
+beyond float32 summation order (tested: greedy answers equal batched and alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlora.models.kv_slots import SlotKVCache
+from qlora.nn import fast_decoding
+from qlora.nn.inject import lora_layers
+from qlora.nn.lora import LoRALinear
+
+__all__ = [
+    "AdapterWeights",
+    "BatchDecoder",
+    "LowRank",
+    "adapter_weights",
+    "batch_decode_unsupported",
+]
+
+# A [r, in], B [out, r], scaling: the low-rank update scaling · B(A(x)) of one layer.
+LowRank = tuple[torch.Tensor, torch.Tensor, float]
+# Module path (e.g. "model.layers.0.self_attn.q_proj") -> its low-rank update.
+AdapterWeights = Mapping[str, LowRank]
+
+_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def batch_decode_unsupported(model: nn.Module) -> str | None:
+    """Why `BatchDecoder` cannot run ``model`` (one line), or None when it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _ARCHITECTURES:
+        return f"model_type {model_type!r} (the batch decoder runs {', '.join(_ARCHITECTURES)})"
+    context = int(getattr(config, "max_position_embeddings", 0) or 0)
+    window = getattr(config, "sliding_window", None)
+    windowed = getattr(config, "use_sliding_window", model_type == "mistral")
+    if windowed and window is not None and int(window) < context:
+        return f"sliding-window attention ({window} < context {context})"
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"layer types {sorted(kinds)} (only full attention)"
+    inner = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+        return "not the model.layers / lm_head layout of a transformers causal LM"
+    return None
+
+
+def adapter_weights(model: nn.Module, name: str) -> dict[str, LowRank]:
+    """Adapter ``name`` of the model's `LoRALinear` layers as plain tensors (shared, not
+    copied), for a row of `BatchDecoder`.
+
+    Raises:
+        ValueError: no layer has an adapter ``name``.
+    """
+    found = {
+        path: (layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach(),
+               layer.scaling[name])
+        for path, layer in lora_layers(model)
+        if name in layer.lora_A
+    }  # fmt: skip
+    if not found:
+        raise ValueError(f"the model has no adapter {name!r}")
+    return found
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """One Linear of the model: its path (adapters are keyed by it) and its base layer."""
+
+    path: str
+    base: nn.Module
+
+
+def _projection(model: nn.Module, path: str) -> _Projection:
+    module = model.get_submodule(path)
+    if isinstance(module, LoRALinear):
+        if module.merged_adapters:
+            raise ValueError(
+                f"{path} has adapters {module.merged_adapters} merged into its weight; unmerge "
+                "them (qlora.nn.lora.unmerge_adapter) before batch decoding"
+            )
+        return _Projection(path, module.base_layer)
+    return _Projection(path, module)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One decoder layer's modules, looked up once."""
+
+    input_norm: nn.Module
+    post_attention_norm: nn.Module
+    q: _Projection
+    k: _Projection
+    v: _Projection
+    o: _Projection
+    gate: _Projection
+    up: _Projection
+    down: _Projection
+    act: nn.Module
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+
+
+# Rows of one step that share an adapter: (its weights, their row indices or None for all).
+_Groups = list[tuple[AdapterWeights, torch.Tensor | None]]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, transformers' formula: x·cos + rotate_half(x)·sin."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class BatchDecoder:
+    """Prefill and step rows of a batch of requests on ``model`` (see the module docstring).
+
+    Args:
+        model: a causal LM of a supported architecture (`batch_decode_unsupported`), loaded by
+            `qlora.load_model` or transformers; its LoRALinear layers' *base* is used, their
+            adapters only when passed to `prefill` as `AdapterWeights`.
+        max_batch: most rows at once.
+
+    Raises:
+        ValueError: an unsupported model, or adapters merged into its weights.
+    """
+
+    def __init__(self, model: nn.Module, max_batch: int = 8) -> None:
+        reason = batch_decode_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the batch decoder cannot run this model: {reason}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        config = model.config
+        self.model = model
+        self.max_batch = max_batch
+        self._embed = model.model.embed_tokens
+        self._norm = model.model.norm
+        self._rotary = model.model.rotary_emb
+        self._head = _projection(model, "lm_head")
+        self._blocks = [self._block(model, i) for i in range(len(model.model.layers))]
+        attention = model.model.layers[0].self_attn
+        self._heads = int(config.num_attention_heads)
+        self._kv_heads = int(getattr(config, "num_key_value_heads", None) or self._heads)
+        self._head_dim = int(attention.head_dim)
+        self._scale = float(attention.scaling)
+        self._dtype = self._embed.weight.dtype
+        self._device = self._embed.weight.device
+        self.cache = SlotKVCache(
+            len(self._blocks),
+            max_batch,
+            self._kv_heads,
+            self._head_dim,
+            int(config.max_position_embeddings),
+            self._dtype,
+            self._device,
+        )
+        self._adapters: list[AdapterWeights | None] = []
+        self._groups: _Groups | None = None
+
+    @staticmethod
+    def _block(model: nn.Module, index: int) -> _Block:
+        prefix = f"model.layers.{index}"
+        layer = model.model.layers[index]
+        attn, mlp = layer.self_attn, layer.mlp
+
+        def proj(name: str) -> _Projection:
+            return _projection(model, f"{prefix}.{name}")
+
+        return _Block(
+            input_norm=layer.input_layernorm,
+            post_attention_norm=layer.post_attention_layernorm,
+            q=proj("self_attn.q_proj"),
+            k=proj("self_attn.k_proj"),
+            v=proj("self_attn.v_proj"),
+            o=proj("self_attn.o_proj"),
+            gate=proj("mlp.gate_proj"),
+            up=proj("mlp.up_proj"),
+            down=proj("mlp.down_proj"),
+            act=mlp.act_fn,
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+        )
+
+    # -- rows ------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        """How many requests are in the batch (rows 0 .. rows-1)."""
+        return self.cache.rows
+
+    def length(self, row: int) -> int:
+        """Tokens in ``row``'s cache (its prompt and the tokens fed back so far)."""
+        return int(self.cache.lengths[row])
+
+    def release(self, row: int) -> None:
+        """Drops ``row``; the last row takes its index (callers mirror this swap-remove)."""
+        self.cache.release(row)
+        last = self._adapters.pop()
+        if row < len(self._adapters):
+            self._adapters[row] = last
+        self._groups = None
+
+    # -- forward ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Sequence[int], adapter: AdapterWeights | None = None) -> torch.Tensor:
+        """Adds a row for ``prompt`` (token ids) with ``adapter`` (None: the base alone) and
+        returns the float32 logits [V] that predict its next token.
+
+        Raises:
+            ValueError: an empty prompt, or one beyond the model's context.
+            RuntimeError: the batch is full (``rows == max_batch``).
+        """
+        length = len(prompt)
+        if length == 0:
+            raise ValueError("the prompt is empty")
+        self.cache.reserve(length)
+        row = self.cache.add_row()
+        self._adapters.append(adapter)
+        self._groups = None
+        try:
+            ids = torch.tensor(prompt, dtype=torch.long, device=self._device)  # [T]
+            positions = torch.arange(length, device=self._device)[None]  # [1, T]
+            groups: _Groups = [] if adapter is None else [(adapter, None)]
+            with fast_decoding():
+                hidden = self._embed(ids)  # [T, H]
+                cos, sin = self._rotary(hidden[None], positions)  # [1, T, D] each
+                cos, sin = cos[:, None], sin[:, None]  # [1, 1, T, D]
+                for index, block in enumerate(self._blocks):
+                    hidden = self._layer(index, block, hidden, groups, cos, sin, row, None)
+                logits = self._logits(hidden[-1:], groups)  # [1, V]
+        except BaseException:
+            self.release(row)
+            raise
+        self.cache.lengths[row] = length
+        return logits[0]
+
+    @torch.inference_mode()
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feeds ``tokens[i]`` to row i (one per row) and returns float32 logits [rows, V].
+
+        Raises:
+            ValueError: not one token per row, or a row at the end of the model's context.
+        """
+        rows = self.cache.rows
+        if len(tokens) != rows or rows == 0:
+            raise ValueError(f"step needs one token per row: {rows} rows, {len(tokens)} tokens")
+        positions = self.cache.lengths[:rows].clone()  # [n]
+        longest = int(positions.max()) + 1
+        self.cache.reserve(longest)
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self._device)  # [n]
+        columns = torch.arange(longest, device=self._device)  # [L]
+        # Each row sees its own columns: [n, 1, 1, L]; None when all rows are as long.
+        mask = None
+        if int(positions.min()) + 1 != longest:
+            mask = (columns[None] <= positions[:, None])[:, None, None]
+        with fast_decoding():
+            hidden = self._embed(ids)  # [n, H]
+            cos, sin = self._rotary(hidden[:, None], positions[:, None])  # [n, 1, D] each
+            cos, sin = cos[:, None], sin[:, None]  # [n, 1, 1, D]
+            groups = self._step_groups()
+            for index, block in enumerate(self._blocks):
+                hidden = self._layer(index, block, hidden, groups, cos, sin, positions, mask)
+            logits = self._logits(hidden, groups)  # [n, V]
+        self.cache.lengths[:rows] += 1
+        return logits
+
+    def _step_groups(self) -> _Groups:
+        """Rows grouped by adapter (by identity), cached until the rows change."""
+        if self._groups is None:
+            rows: dict[int, tuple[AdapterWeights, list[int]]] = {}
+            for row, adapter in enumerate(self._adapters):
+                if adapter is not None:
+                    rows.setdefault(id(adapter), (adapter, []))[1].append(row)
+            everyone = len(self._adapters)
+            self._groups = [
+                (adapter, None if len(members) == everyone else torch.tensor(members))
+                for adapter, members in rows.values()
+            ]
+        return self._groups
+
+    def _project(self, proj: _Projection, x: torch.Tensor, groups: _Groups) -> torch.Tensor:
+        """x [n, in] -> [n, out]: the base once, then each group's low-rank update on its rows
+        (the composed LoRALinear formula: base + B(A(x)) · scaling, at the adapter's dtype)."""
+        out = proj.base(x)  # [n, out]
+        for adapter, rows in groups:
+            low_rank = adapter.get(proj.path)
+            if low_rank is None:
+                continue
+            weight_a, weight_b, scaling = low_rank
+            if rows is None:
+                update = F.linear(F.linear(x.to(weight_a.dtype), weight_a), weight_b) * scaling
+                out = (out + update).to(out.dtype)  # [n, out]
+            else:
+                picked = x.index_select(0, rows).to(weight_a.dtype)  # [m, in]
+                update = F.linear(F.linear(picked, weight_a), weight_b) * scaling  # [m, out]
+                out = out.index_add(0, rows, update.to(out.dtype))
+        return out
+
+    def _layer(
+        self,
+        index: int,
+        block: _Block,
+        hidden: torch.Tensor,
+        groups: _Groups,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        where: int | torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One decoder layer. Prefill: hidden [T, H] of row ``where`` (an int); step: hidden
+        [n, H], one token per row at positions ``where`` [n]."""
+        x = block.input_norm(hidden)
+        queries = self._project(block.q, x, groups)  # [n|T, heads·D]
+        keys = self._project(block.k, x, groups)  # [n|T, kv_heads·D]
+        values = self._project(block.v, x, groups)
+        tokens = hidden.shape[0]
+        shape = (tokens, -1, self._head_dim)
+        queries, keys, values = (t.view(shape) for t in (queries, keys, values))  # [., h, D]
+        if block.q_norm is not None and block.k_norm is not None:
+            queries, keys = block.q_norm(queries), block.k_norm(keys)
+        key_cache, value_cache = self.cache.keys[index], self.cache.values[index]
+        if isinstance(where, int):  # prefill of one row: [1, h, T, D], causal
+            queries, keys, values = (t.transpose(0, 1)[None] for t in (queries, keys, values))
+            queries, keys = _rope(queries, cos, sin), _rope(keys, cos, sin)
+            key_cache[where, :, :tokens] = keys[0]
+            value_cache[where, :, :tokens] = values[0]
+            attended = self._attend(queries, keys, values, None, causal=True)  # [1, h, T, D]
+            attended = attended[0].transpose(0, 1).reshape(tokens, -1)  # [T, heads·D]
+        else:  # one token per row: [n, h, 1, D] against each row's cached columns
+            queries, keys, values = (t[:, :, None] for t in (queries, keys, values))
+            queries, keys = _rope(queries, cos, sin), _rope(keys, cos, sin)
+            rows = torch.arange(tokens, device=hidden.device)
+            key_cache[rows, :, where] = keys[:, :, 0]
+            value_cache[rows, :, where] = values[:, :, 0]
+            longest = int(where.max()) + 1
+            attended = self._attend(
+                queries,
+                key_cache[:tokens, :, :longest],
+                value_cache[:tokens, :, :longest],
+                mask,
+                causal=False,
+            )  # [n, h, 1, D]
+            attended = attended.reshape(tokens, -1)  # [n, heads·D]
+        hidden = hidden + self._project(block.o, attended, groups)
+        x = block.post_attention_norm(hidden)
+        gated = block.act(self._project(block.gate, x, groups)) * self._project(block.up, x, groups)
+        return hidden + self._project(block.down, gated, groups)
+
+    def _attend(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self._scale,
+            enable_gqa=self._heads != self._kv_heads,
+        )
+
+    def _logits(self, hidden: torch.Tensor, groups: _Groups) -> torch.Tensor:
+        return self._project(self._head, self._norm(hidden), groups).float()
