@@ -10,12 +10,13 @@ projections) in a forward written for decoding, instead of transformers' generic
   together with every other row: each row's query attends to its own columns only (a
   mask), at its own rotary position. `release` frees a row between steps.
 * **One base matmul for the whole batch, each row's adapter on its own rows.** Every
-  projection calls the *base* layer once on the batch ([n, in] -> [n, out]: the fused k-bit
-  kernel of `qlora.quant.matvec` for a QuantLinear inside `fast_decoding`), then adds
-  scaling · B(A(x)) for each adapter present, on the rows that use it (all rows at once
-  when they share one adapter). Adapters are plain tensors (`LowRank` per module path), not
-  modules: loading one for serving never touches the model, and a row keeps the tensors it
-  started with even if its adapter is unloaded meanwhile.
+  projection calls the *base* layer once on the batch ([n, in] -> [n, out]: for a CPU
+  QuantLinear the fused k-bit kernel of `qlora.quant.matvec`, through a `MatvecPlan` whose
+  arguments are bound once), then each adapter present adds its low-rank update on the rows
+  that use it (`qlora.models.lora_rows`: the A's of projections sharing an input stacked
+  into one matmul, the scaling folded into A). Adapters are plain tensors, not modules:
+  loading one for serving never touches the model, and a row keeps the tensors it started
+  with even if its adapter is unloaded meanwhile.
 * **Little per-token Python.** Module look-ups, masks and rotary angles are prepared once
   per step, not per layer; nothing is allocated per token but the activations.
 
@@ -38,14 +39,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora.models.kv_slots import SlotKVCache
+from qlora.models.lora_rows import PreparedAdapter, add_site_update, prepare_adapter
 from qlora.nn import fast_decoding
 from qlora.nn.inject import lora_layers
 from qlora.nn.lora import LoRALinear
+from qlora.nn.qlinear import QuantLinear
+from qlora.quant.matvec import MATVEC_MAX_ROWS
+from qlora.quant.matvec_plan import MatvecPlan
 
 __all__ = [
     "AdapterWeights",
     "BatchDecoder",
     "LowRank",
+    "PreparedAdapter",
     "adapter_weights",
     "batch_decode_unsupported",
 ]
@@ -99,10 +105,23 @@ def adapter_weights(model: nn.Module, name: str) -> dict[str, LowRank]:
 
 @dataclass(frozen=True)
 class _Projection:
-    """One Linear of the model: its path (adapters are keyed by it) and its base layer."""
+    """One Linear of the model: its path (adapters are keyed by it), its base layer, and for
+    a CPU k-bit base the fused kernel's prepared call (what `QuantLinear.forward` runs inside
+    `fast_decoding`, minus ~30 us of per-call bookkeeping)."""
 
     path: str
     base: nn.Module
+    plan: MatvecPlan | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] -> [n, out]: QuantLinear.forward's arithmetic, step for step."""
+        if self.plan is None or x.shape[0] > MATVEC_MAX_ROWS:
+            return self.base(x)
+        base = self.base
+        out = self.plan(x.to(base.compute_dtype)).to(base.compute_dtype)  # [n, out]
+        if base.bias is not None:
+            out = out + base.bias.to(out.dtype)
+        return out.to(x.dtype)
 
 
 def _projection(model: nn.Module, path: str) -> _Projection:
@@ -113,8 +132,11 @@ def _projection(model: nn.Module, path: str) -> _Projection:
                 f"{path} has adapters {module.merged_adapters} merged into its weight; unmerge "
                 "them (qlora.nn.lora.unmerge_adapter) before batch decoding"
             )
-        return _Projection(path, module.base_layer)
-    return _Projection(path, module)
+        module = module.base_layer
+    plan = None
+    if isinstance(module, QuantLinear) and module.weight.device.type == "cpu":
+        plan = MatvecPlan.create(module.quant_state)
+    return _Projection(path, module, plan)
 
 
 @dataclass(frozen=True)
@@ -135,8 +157,10 @@ class _Block:
     k_norm: nn.Module | None
 
 
-# Rows of one step that share an adapter: (its weights, their row indices or None for all).
-_Groups = list[tuple[AdapterWeights, torch.Tensor | None]]
+# Rows of one step that share an adapter: (the adapter, their row indices or None for all).
+_Groups = list[tuple[PreparedAdapter, torch.Tensor | None]]
+# A decoder layer's sites (projections sharing an input), in order; lm_head is the last site.
+_LAYER_SITES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -176,6 +200,11 @@ class BatchDecoder:
         self._rotary = model.model.rotary_emb
         self._head = _projection(model, "lm_head")
         self._blocks = [self._block(model, i) for i in range(len(model.model.layers))]
+        self._sites: list[tuple[str, ...]] = [
+            tuple(getattr(block, name).path for name in site)
+            for block in self._blocks
+            for site in _LAYER_SITES
+        ] + [(self._head.path,)]
         attention = model.model.layers[0].self_attn
         self._heads = int(config.num_attention_heads)
         self._kv_heads = int(getattr(config, "num_key_value_heads", None) or self._heads)
@@ -192,7 +221,7 @@ class BatchDecoder:
             self._dtype,
             self._device,
         )
-        self._adapters: list[AdapterWeights | None] = []
+        self._adapters: list[PreparedAdapter | None] = []
         self._groups: _Groups | None = None
 
     @staticmethod
@@ -219,6 +248,15 @@ class BatchDecoder:
             k_norm=getattr(attn, "k_norm", None),
         )
 
+    def prepare(self, adapter: AdapterWeights) -> PreparedAdapter:
+        """``adapter`` laid out for this decoder (`qlora.models.lora_rows`): do it once per
+        adapter and pass the result to every `prefill` that uses it.
+
+        Raises:
+            ValueError: the adapter has a layer this decoder does not run.
+        """
+        return prepare_adapter(adapter, self._sites)
+
     # -- rows ------------------------------------------------------------------------------
 
     @property
@@ -241,17 +279,23 @@ class BatchDecoder:
     # -- forward ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, prompt: Sequence[int], adapter: AdapterWeights | None = None) -> torch.Tensor:
-        """Adds a row for ``prompt`` (token ids) with ``adapter`` (None: the base alone) and
-        returns the float32 logits [V] that predict its next token.
+    def prefill(
+        self, prompt: Sequence[int], adapter: PreparedAdapter | AdapterWeights | None = None
+    ) -> torch.Tensor:
+        """Adds a row for ``prompt`` (token ids) with ``adapter`` (None: the base alone;
+        better `prepare`d once than raw weights each time) and returns the float32 logits [V]
+        that predict its next token.
 
         Raises:
-            ValueError: an empty prompt, or one beyond the model's context.
+            ValueError: an empty prompt, one beyond the model's context, or an adapter with a
+                layer this decoder does not run.
             RuntimeError: the batch is full (``rows == max_batch``).
         """
         length = len(prompt)
         if length == 0:
             raise ValueError("the prompt is empty")
+        if adapter is not None and not isinstance(adapter, PreparedAdapter):
+            adapter = self.prepare(adapter)
         self.cache.reserve(length)
         row = self.cache.add_row()
         self._adapters.append(adapter)
@@ -306,7 +350,7 @@ class BatchDecoder:
     def _step_groups(self) -> _Groups:
         """Rows grouped by adapter (by identity), cached until the rows change."""
         if self._groups is None:
-            rows: dict[int, tuple[AdapterWeights, list[int]]] = {}
+            rows: dict[int, tuple[PreparedAdapter, list[int]]] = {}
             for row, adapter in enumerate(self._adapters):
                 if adapter is not None:
                     rows.setdefault(id(adapter), (adapter, []))[1].append(row)
@@ -317,23 +361,15 @@ class BatchDecoder:
             ]
         return self._groups
 
-    def _project(self, proj: _Projection, x: torch.Tensor, groups: _Groups) -> torch.Tensor:
-        """x [n, in] -> [n, out]: the base once, then each group's low-rank update on its rows
-        (the composed LoRALinear formula: base + B(A(x)) · scaling, at the adapter's dtype)."""
-        out = proj.base(x)  # [n, out]
+    @staticmethod
+    def _adapt(
+        site: int, outputs: Sequence[torch.Tensor], x: torch.Tensor, groups: _Groups
+    ) -> None:
+        """Adds each group's low-rank update of ``site`` to ``outputs``, on its rows."""
         for adapter, rows in groups:
-            low_rank = adapter.get(proj.path)
-            if low_rank is None:
-                continue
-            weight_a, weight_b, scaling = low_rank
-            if rows is None:
-                update = F.linear(F.linear(x.to(weight_a.dtype), weight_a), weight_b) * scaling
-                out = (out + update).to(out.dtype)  # [n, out]
-            else:
-                picked = x.index_select(0, rows).to(weight_a.dtype)  # [m, in]
-                update = F.linear(F.linear(picked, weight_a), weight_b) * scaling  # [m, out]
-                out = out.index_add(0, rows, update.to(out.dtype))
-        return out
+            update = adapter.sites[site]
+            if update is not None:
+                add_site_update(outputs, x, update, rows)
 
     def _layer(
         self,
@@ -348,10 +384,10 @@ class BatchDecoder:
     ) -> torch.Tensor:
         """One decoder layer. Prefill: hidden [T, H] of row ``where`` (an int); step: hidden
         [n, H], one token per row at positions ``where`` [n]."""
+        site = index * len(_LAYER_SITES)
         x = block.input_norm(hidden)
-        queries = self._project(block.q, x, groups)  # [n|T, heads·D]
-        keys = self._project(block.k, x, groups)  # [n|T, kv_heads·D]
-        values = self._project(block.v, x, groups)
+        queries, keys, values = block.q(x), block.k(x), block.v(x)  # [n|T, h·D] each
+        self._adapt(site, (queries, keys, values), x, groups)
         tokens = hidden.shape[0]
         shape = (tokens, -1, self._head_dim)
         queries, keys, values = (t.view(shape) for t in (queries, keys, values))  # [., h, D]
@@ -380,10 +416,16 @@ class BatchDecoder:
                 causal=False,
             )  # [n, h, 1, D]
             attended = attended.reshape(tokens, -1)  # [n, heads·D]
-        hidden = hidden + self._project(block.o, attended, groups)
+        out = block.o(attended)  # [n, H]
+        self._adapt(site + 1, (out,), attended, groups)
+        hidden = hidden + out
         x = block.post_attention_norm(hidden)
-        gated = block.act(self._project(block.gate, x, groups)) * self._project(block.up, x, groups)
-        return hidden + self._project(block.down, gated, groups)
+        gate, up = block.gate(x), block.up(x)  # [n, I] each
+        self._adapt(site + 2, (gate, up), x, groups)
+        gated = block.act(gate) * up
+        down = block.down(gated)  # [n, H]
+        self._adapt(site + 3, (down,), gated, groups)
+        return hidden + down
 
     def _attend(
         self,
@@ -404,4 +446,7 @@ class BatchDecoder:
         )
 
     def _logits(self, hidden: torch.Tensor, groups: _Groups) -> torch.Tensor:
-        return self._project(self._head, self._norm(hidden), groups).float()
+        x = self._norm(hidden)
+        logits = self._head(x)  # [n, V]
+        self._adapt(len(self._sites) - 1, (logits,), x, groups)
+        return logits.float()

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from qlora.adapters import read_adapter
-from qlora.models.batch_decode import AdapterWeights, BatchDecoder, adapter_weights
+from qlora.models.batch_decode import BatchDecoder, PreparedAdapter, adapter_weights
 from qlora.models.sampling import sample_next
 from qlora.nn.inject import lora_layers
 from qlora.serve.engine import (
@@ -65,7 +65,7 @@ class _Job:
     cancel: threading.Event
     reply: Reply
     generator: torch.Generator
-    adapter: AdapterWeights | None = None
+    adapter: PreparedAdapter | None = None
     last_token: int = -1
     done: bool = field(default=False)
 
@@ -97,10 +97,10 @@ class BatchingEngine(EngineBase):
         super().__init__(model, tokenizer, base_name)
         self.decoder = BatchDecoder(model, max_batch)
         self.max_batch = max_batch
-        self._weights: dict[str, AdapterWeights] = {}
+        self._weights: dict[str, PreparedAdapter] = {}
         on_model = {name for _, layer in lora_layers(model) for name in layer.adapter_names}
         for name in sorted(on_model):
-            self._weights[name] = adapter_weights(model, name)
+            self._weights[name] = self.decoder.prepare(adapter_weights(model, name))
             self._adapters[name] = None
         self._loading: set[str] = set()
         for name, path in (adapters or {}).items():
@@ -165,7 +165,7 @@ class BatchingEngine(EngineBase):
         if job.done:
             self._release(len(self._rows) - 1)
 
-    def _adapter_of(self, name: str) -> AdapterWeights | None:
+    def _adapter_of(self, name: str) -> PreparedAdapter | None:
         """The weights a request for ``name`` runs with (None: the base alone)."""
         if name == self.base_name:
             return None
@@ -243,13 +243,13 @@ class BatchingEngine(EngineBase):
             raise AdapterLoadError(f"lora_name must be non-empty and without '.', got {name!r}")
         self._loading.add(name)
 
-    def _read(self, name: str, path: str) -> AdapterWeights:
+    def _read(self, name: str, path: str) -> PreparedAdapter:
         try:
-            return read_adapter(self.model, path)
+            return self.decoder.prepare(read_adapter(self.model, path))
         except (OSError, ValueError) as err:
             raise adapter_load_error(name, path, err) from None
 
-    def _publish(self, name: str, path: str, weights: AdapterWeights) -> None:
+    def _publish(self, name: str, path: str, weights: PreparedAdapter) -> None:
         self._weights[name] = weights
         self._adapters[name] = path  # requests may name it from now on
         self._loading.discard(name)
