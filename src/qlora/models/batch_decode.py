@@ -112,12 +112,15 @@ class _Projection:
     path: str
     base: nn.Module
     plan: MatvecPlan | None = None
+    float32: bool = False  # a float32-compute QuantLinear
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> [n, out]: QuantLinear.forward's arithmetic, step for step."""
         if self.plan is None or x.shape[0] > MATVEC_MAX_ROWS:
             return self.base(x)
         base = self.base
+        if self.float32 and x.dtype == torch.float32:  # the casts below are no-ops: skip them
+            return self.plan(x) if base.bias is None else self.plan(x) + base.bias
         out = self.plan(x.to(base.compute_dtype)).to(base.compute_dtype)  # [n, out]
         if base.bias is not None:
             out = out + base.bias.to(out.dtype)
@@ -136,15 +139,16 @@ def _projection(model: nn.Module, path: str) -> _Projection:
     plan = None
     if isinstance(module, QuantLinear) and module.weight.device.type == "cpu":
         plan = MatvecPlan.create(module.quant_state)
-    return _Projection(path, module, plan)
+    float32 = isinstance(module, QuantLinear) and module.compute_dtype == torch.float32
+    return _Projection(path, module, plan, float32)
 
 
 @dataclass(frozen=True)
 class _Block:
     """One decoder layer's modules, looked up once."""
 
-    input_norm: nn.Module
-    post_attention_norm: nn.Module
+    input_norm: _Norm
+    post_attention_norm: _Norm
     q: _Projection
     k: _Projection
     v: _Projection
@@ -153,8 +157,8 @@ class _Block:
     up: _Projection
     down: _Projection
     act: nn.Module
-    q_norm: nn.Module | None
-    k_norm: nn.Module | None
+    q_norm: _Norm | None
+    k_norm: _Norm | None
 
 
 # Rows of one step that share an adapter: (the adapter, their row indices or None for all).
@@ -163,14 +167,36 @@ _Groups = list[tuple[PreparedAdapter, torch.Tensor | None]]
 _LAYER_SITES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, transformers' x·cos + rotate_half(x)·sin in fewer ops: rotate_half(x)
+    is [-x2, x1], so it is the halves swapped times [-sin1, sin2] (``signed_sin``): the same
+    products, the sign moved onto sin (exact)."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2, x1]
+    return x * cos + swapped * signed_sin
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, transformers' formula: x·cos + rotate_half(x)·sin."""
-    return x * cos + _rotate_half(x) * sin
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+class _Norm:
+    """An RMSNorm module as one fused op (``torch.rms_norm``) on float32 input, where it is
+    transformers' RMSNorm (weight · x / rms(x)); the module itself otherwise."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        weight = getattr(module, "weight", None)
+        eps = getattr(module, "variance_epsilon", None)
+        plain = type(module).__name__.endswith("RMSNorm") and isinstance(eps, float)
+        self.fused = plain and weight is not None and weight.dtype == torch.float32
+        self.shape = (int(weight.shape[-1]),) if weight is not None else ()
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dtype == torch.float32:
+            return torch.rms_norm(x, self.shape, self.module.weight, self.eps)
+        return self.module(x)
 
 
 class BatchDecoder:
@@ -196,7 +222,7 @@ class BatchDecoder:
         self.model = model
         self.max_batch = max_batch
         self._embed = model.model.embed_tokens
-        self._norm = model.model.norm
+        self._norm = _Norm(model.model.norm)
         self._rotary = model.model.rotary_emb
         self._head = _projection(model, "lm_head")
         self._blocks = [self._block(model, i) for i in range(len(model.model.layers))]
@@ -234,8 +260,8 @@ class BatchDecoder:
             return _projection(model, f"{prefix}.{name}")
 
         return _Block(
-            input_norm=layer.input_layernorm,
-            post_attention_norm=layer.post_attention_layernorm,
+            input_norm=_Norm(layer.input_layernorm),
+            post_attention_norm=_Norm(layer.post_attention_layernorm),
             q=proj("self_attn.q_proj"),
             k=proj("self_attn.k_proj"),
             v=proj("self_attn.v_proj"),
@@ -244,8 +270,8 @@ class BatchDecoder:
             up=proj("mlp.up_proj"),
             down=proj("mlp.down_proj"),
             act=mlp.act_fn,
-            q_norm=getattr(attn, "q_norm", None),
-            k_norm=getattr(attn, "k_norm", None),
+            q_norm=_Norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
+            k_norm=_Norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
         )
 
     def prepare(self, adapter: AdapterWeights) -> PreparedAdapter:
@@ -307,7 +333,7 @@ class BatchDecoder:
             with fast_decoding():
                 hidden = self._embed(ids)  # [T, H]
                 cos, sin = self._rotary(hidden[None], positions)  # [1, T, D] each
-                cos, sin = cos[:, None], sin[:, None]  # [1, 1, T, D]
+                cos, sin = cos[:, None], _signed_sin(sin[:, None])  # [1, 1, T, D]
                 for index, block in enumerate(self._blocks):
                     hidden = self._layer(index, block, hidden, groups, cos, sin, row, None)
                 logits = self._logits(hidden[-1:], groups)  # [1, V]
@@ -339,7 +365,7 @@ class BatchDecoder:
         with fast_decoding():
             hidden = self._embed(ids)  # [n, H]
             cos, sin = self._rotary(hidden[:, None], positions[:, None])  # [n, 1, D] each
-            cos, sin = cos[:, None], sin[:, None]  # [n, 1, 1, D]
+            cos, sin = cos[:, None], _signed_sin(sin[:, None])  # [n, 1, 1, D]
             groups = self._step_groups()
             for index, block in enumerate(self._blocks):
                 hidden = self._layer(index, block, hidden, groups, cos, sin, positions, mask)
