@@ -39,7 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora.models.kv_slots import SlotKVCache
-from qlora.models.lora_rows import PreparedAdapter, add_site_update, prepare_adapter
+from qlora.models.lora_rows import (
+    PreparedAdapter,
+    RowLayout,
+    StackedAdapters,
+    add_site_update,
+    add_stacked_update,
+    prepare_adapter,
+    row_layout,
+    stack_adapters,
+)
 from qlora.nn import fast_decoding
 from qlora.nn.inject import lora_layers
 from qlora.nn.lora import LoRALinear
@@ -161,8 +170,17 @@ class _Block:
     k_norm: _Norm | None
 
 
-# Rows of one step that share an adapter: (the adapter, their row indices or None for all).
-_Groups = list[tuple[PreparedAdapter, torch.Tensor | None]]
+@dataclass(frozen=True)
+class _Groups:
+    """Which adapter each row of a forward uses. Either ``per_adapter``: (an adapter, its
+    rows' indices or None for all rows), one update per adapter; or, with two adapters or
+    more, ``stacked`` and each row's place on their grid in ``layout``."""
+
+    per_adapter: tuple[tuple[PreparedAdapter, torch.Tensor | None], ...] = ()
+    stacked: StackedAdapters | None = None
+    layout: RowLayout | None = None
+
+
 # A decoder layer's sites (projections sharing an input), in order; lm_head is the last site.
 _LAYER_SITES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
@@ -249,6 +267,7 @@ class BatchDecoder:
         )
         self._adapters: list[PreparedAdapter | None] = []
         self._groups: _Groups | None = None
+        self._stack: tuple[tuple[int, ...], StackedAdapters] | None = None  # the last stacking
 
     @staticmethod
     def _block(model: nn.Module, index: int) -> _Block:
@@ -329,7 +348,7 @@ class BatchDecoder:
         try:
             ids = torch.tensor(prompt, dtype=torch.long, device=self._device)  # [T]
             positions = torch.arange(length, device=self._device)[None]  # [1, T]
-            groups: _Groups = [] if adapter is None else [(adapter, None)]
+            groups = _Groups(() if adapter is None else ((adapter, None),))
             with fast_decoding():
                 hidden = self._embed(ids)  # [T, H]
                 cos, sin = self._rotary(hidden[None], positions)  # [1, T, D] each
@@ -375,24 +394,43 @@ class BatchDecoder:
 
     def _step_groups(self) -> _Groups:
         """Rows grouped by adapter (by identity), cached until the rows change."""
-        if self._groups is None:
-            rows: dict[int, tuple[PreparedAdapter, list[int]]] = {}
-            for row, adapter in enumerate(self._adapters):
-                if adapter is not None:
-                    rows.setdefault(id(adapter), (adapter, []))[1].append(row)
+        if self._groups is not None:
+            return self._groups
+        members: dict[int, tuple[PreparedAdapter, list[int]]] = {}
+        for row, adapter in enumerate(self._adapters):
+            if adapter is not None:
+                members.setdefault(id(adapter), (adapter, []))[1].append(row)
+        if len(members) < 2:
+            self._stack = None  # its copies are not needed any more
             everyone = len(self._adapters)
-            self._groups = [
-                (adapter, None if len(members) == everyone else torch.tensor(members))
-                for adapter, members in rows.values()
-            ]
+            self._groups = _Groups(
+                tuple(
+                    (adapter, None if len(rows) == everyone else torch.tensor(rows))
+                    for adapter, rows in members.values()
+                )
+            )
+            return self._groups
+        key = tuple(sorted(members))  # the same adapters: reuse their stacking
+        if self._stack is None or self._stack[0] != key:
+            self._stack = (key, stack_adapters([members[k][0] for k in key]))
+        group_of = {adapter_id: group for group, adapter_id in enumerate(key)}
+        layout = row_layout(
+            [None if a is None else group_of[id(a)] for a in self._adapters], len(key)
+        )
+        self._groups = _Groups(stacked=self._stack[1], layout=layout)
         return self._groups
 
     @staticmethod
     def _adapt(
         site: int, outputs: Sequence[torch.Tensor], x: torch.Tensor, groups: _Groups
     ) -> None:
-        """Adds each group's low-rank update of ``site`` to ``outputs``, on its rows."""
-        for adapter, rows in groups:
+        """Adds each row's adapter's low-rank update of ``site`` to ``outputs``."""
+        if groups.stacked is not None and groups.layout is not None:
+            stacked = groups.stacked.sites[site]
+            if stacked is not None:
+                add_stacked_update(outputs, x, stacked, groups.layout)
+            return
+        for adapter, rows in groups.per_adapter:
             update = adapter.sites[site]
             if update is not None:
                 add_site_update(outputs, x, update, rows)

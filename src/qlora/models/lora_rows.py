@@ -13,6 +13,20 @@ float32 rounding apart). A "site" is such a group of projections sharing an inpu
 `PreparedAdapter` holds one `SiteUpdate` (or None) per site of the decoder, built once when
 the adapter is loaded, so a decode step does two small matmuls and an add per projection an
 adapter touches, on just the rows that use it.
+
+When one batch holds G different adapters, doing that per adapter costs G times the small
+ops, and at decode sizes the ops' overhead is the cost. `stack_adapters` stacks the G
+adapters of a site instead (each projection's rank padded with zeros to the largest), and
+the rows are placed on a [G, m] grid, adapter by adapter (`row_layout`; m is the largest
+group, the rest zero padding), so that
+
+    h = bmm(grid [G, m, in], Aᵀ [G, in, S])          [G, m, S]
+    out_j[row] += bmm(h[..., part j], B_jᵀ [G, r, out])[the row's slot]
+
+is a fixed number of ops per site whatever G is (Punica's and S-LoRA's batched gather-matmul,
+with the gather done once per batch change instead of per step); each adapter's weights are
+read once per step. Each row gets scaling · B(A(x)) of its own adapter (to float32 summation
+order); padding slots are zeros and add 0.0.
 """
 
 from __future__ import annotations
@@ -23,7 +37,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PreparedAdapter", "SiteUpdate", "add_site_update", "prepare_adapter"]
+__all__ = [
+    "PreparedAdapter",
+    "RowLayout",
+    "SiteUpdate",
+    "StackedAdapters",
+    "StackedSite",
+    "add_site_update",
+    "add_stacked_update",
+    "prepare_adapter",
+    "row_layout",
+    "stack_adapters",
+]
 
 # A [r, in], B [out, r], scaling (as `qlora.models.batch_decode.LowRank`).
 _LowRank = tuple[torch.Tensor, torch.Tensor, float]
@@ -111,3 +136,115 @@ def add_site_update(
             out.add_(delta)
         else:
             out.index_add_(0, rows, delta)
+
+
+@dataclass(frozen=True)
+class StackedSite:
+    """A site's updates of G adapters stacked for batched matmuls (`stack_adapters`).
+
+    Attributes:
+        a: [G, S, in]: per adapter, each projection's scaled A padded with zero rows to the
+            widest rank any of the G has for it (S = the sum of those ranks).
+        parts: per projection: (first, last) of its rank within S, and the B's transposed and
+            padded with zero rows, [G, r, out]; None where no adapter of the G has it.
+    """
+
+    a: torch.Tensor
+    parts: tuple[tuple[int, int, torch.Tensor] | None, ...]
+
+
+@dataclass(frozen=True)
+class StackedAdapters:
+    """G adapters stacked for every site (None where none of them has an update)."""
+
+    count: int
+    sites: tuple[StackedSite | None, ...]
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each row of a batch sits in the [G, m] grid the stacked matmuls run on: group g
+    (its adapter) holds its rows in slots 0..m-1 (m: the largest group), padding is zeros.
+
+    Attributes:
+        slots: [n'] flat slot g·m + k of each row that has an adapter (n' of the n rows).
+        rows: [n'] those rows' indices in the batch.
+        targets: [G·m] the row each slot adds into (padding: row 0, which gets + 0.0).
+        groups, width: G and m.
+    """
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    groups: int
+    width: int
+
+
+def row_layout(adapter_of_row: Sequence[int | None], groups: int) -> RowLayout:
+    """The grid for rows whose adapters are ``adapter_of_row`` (group index or None)."""
+    members: list[list[int]] = [[] for _ in range(groups)]
+    for row, group in enumerate(adapter_of_row):
+        if group is not None:
+            members[group].append(row)
+    width = max(len(m) for m in members)
+    slots, rows = [], []
+    targets = [0] * (groups * width)
+    for group, group_rows in enumerate(members):
+        for k, row in enumerate(group_rows):
+            slots.append(group * width + k)
+            rows.append(row)
+            targets[group * width + k] = row
+    return RowLayout(torch.tensor(slots), torch.tensor(rows), torch.tensor(targets), groups, width)
+
+
+def _stack_site(updates: Sequence[SiteUpdate | None]) -> StackedSite | None:
+    present = [u for u in updates if u is not None]
+    if not present:
+        return None
+    members = len(present[0].parts)
+    widths = [
+        max((p[1] - p[0] for u in present if (p := u.parts[j]) is not None), default=0)
+        for j in range(members)
+    ]
+    like = present[0].a
+    a = like.new_zeros(len(updates), sum(widths), like.shape[1])  # [G, S, in]
+    parts: list[tuple[int, int, torch.Tensor] | None] = []
+    start = 0
+    for j, rank in enumerate(widths):
+        if rank == 0:
+            parts.append(None)
+            continue
+        out_features = next(p[2].shape[0] for u in present if (p := u.parts[j]) is not None)
+        b = like.new_zeros(len(updates), rank, out_features)  # [G, r, out]
+        for g, update in enumerate(updates):
+            part = update.parts[j] if update is not None else None
+            if part is not None:
+                first, last, weight_b = part
+                a[g, start : start + last - first] = update.a[first:last]
+                b[g, : last - first] = weight_b.t()
+        parts.append((start, start + rank, b))
+        start += rank
+    return StackedSite(a, tuple(parts))
+
+
+def stack_adapters(adapters: Sequence[PreparedAdapter]) -> StackedAdapters:
+    """``adapters`` (G of them, prepared for the same sites) stacked, site by site."""
+    sites = zip(*(adapter.sites for adapter in adapters), strict=True)
+    return StackedAdapters(len(adapters), tuple(_stack_site(updates) for updates in sites))
+
+
+def add_stacked_update(
+    outputs: Sequence[torch.Tensor], x: torch.Tensor, site: StackedSite, layout: RowLayout
+) -> None:
+    """Adds, in place, each row's own adapter's update of the site (rows without an adapter
+    get nothing): two batched matmuls over the [G, m] grid, whatever G is."""
+    grid = x.new_zeros(layout.groups * layout.width, x.shape[1], dtype=site.a.dtype)
+    grid.index_copy_(0, layout.slots, x.index_select(0, layout.rows).to(site.a.dtype))
+    grid = grid.view(layout.groups, layout.width, -1)  # [G, m, in]
+    hidden = torch.bmm(grid, site.a.transpose(1, 2))  # [G, m, S]
+    for out, part in zip(outputs, site.parts, strict=True):
+        if part is None:
+            continue
+        start, end, weight_bt = part
+        delta = torch.bmm(hidden[:, :, start:end], weight_bt)  # [G, m, out]
+        out.index_add_(0, layout.targets, delta.view(-1, delta.shape[-1]).to(out.dtype))

@@ -118,6 +118,9 @@ class BatchingEngine(EngineBase):
     def _start(self, request: GenerationRequest, push: Push, cancel: threading.Event) -> None:
         job = _Job(request, push, cancel, self._reply(request), request_generator(request))
         with self._wake:
+            if self._closed:
+                push(RuntimeError("the server is shutting down"))
+                return
             self._waiting.append(job)
             self._wake.notify()
 
