@@ -4,9 +4,6 @@ with large random B (so they change the answer), and reference models to compare
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +20,6 @@ pytest.importorskip("uvicorn")
 
 CONTEXT = 512  # the tiny model's context: small, so overflow is easy to ask for
 BASE = "tiny-base"
-_STARTUP_S = 20.0
-_SHUTDOWN_S = 10.0
 
 
 def make_model(tokenizer: Any) -> torch.nn.Module:
@@ -57,29 +52,11 @@ def reference(tokenizer: Any, adapter: Path | None = None) -> torch.nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serves ``app`` with uvicorn in a thread on 127.0.0.1:<free port>; yields the base URL."""
-    import uvicorn
+def running(app: Any) -> contextlib.AbstractContextManager[str]:
+    """Serves ``app`` on 127.0.0.1:<free port> in a thread; yields the base URL."""
+    from qlora.serve.app import serve_in_thread
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + _STARTUP_S
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(_SHUTDOWN_S)
-        sock.close()
+    return serve_in_thread(app)
 
 
 @dataclass

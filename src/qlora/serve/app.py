@@ -22,7 +22,10 @@ import asyncio
 import contextlib
 import hmac
 import json
-from collections.abc import AsyncIterator
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -53,7 +56,7 @@ from qlora.serve.protocol import (
     new_id,
 )
 
-__all__ = ["ClientGone", "create_app", "error_body", "run_server"]
+__all__ = ["ClientGone", "create_app", "error_body", "run_server", "serve_in_thread"]
 
 _DISCONNECT_POLL_S = 0.1  # how often a non-streamed request checks that its client is there
 
@@ -329,3 +332,39 @@ def run_server(
         uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level="info")
     finally:
         engine.close()
+
+
+_STARTUP_S = 20.0
+_SHUTDOWN_S = 10.0
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serves ``app`` with uvicorn in a background thread on ``host``:<a free port> and
+    yields its base URL (``http://127.0.0.1:PORT``); stops it on exit. For tests, benchmarks
+    and notebooks: the server lives as long as the ``with`` block.
+
+    Raises:
+        RuntimeError: the server did not start within 20 s.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + _STARTUP_S
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError(f"the server on {host}:{port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(_SHUTDOWN_S)
+        sock.close()
