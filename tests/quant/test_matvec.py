@@ -1,11 +1,15 @@
 """The fused few-row kernel (qlora/kernels/matvec.c) against x @ dequantize(state)ᵀ.
 
-Tolerance: the kernel forms every weight exactly as the reference does (code * absmax, one
-float32 product; double-quantized scales decoded with the reference's two roundings), so the
-only difference is the float32 summation order of each dot product. We assert, element-wise,
-``|ours - reference| <= MATVEC_RTOL * (|x| @ |W|ᵀ)`` with MATVEC_RTOL = 1e-5 (the observed
-worst case is ~2e-7 for in = 512; a reordered float32 sum of n terms is bounded by about
-n * 2^-24 times that quantity).
+Tolerance: the row-buffer kernels form every weight exactly as the reference does (code *
+absmax, one float32 product; double-quantized scales decoded with the reference's two
+roundings), so the only difference is the float32 summation order of each dot product. The
+AVX-512 4-bit kernel for up to 4 rows multiplies each block scale onto a partial sum of 8
+code * x products instead (s * sum c x for sum s * c * x: other roundings, the same bound). We
+assert, element-wise, ``|ours - reference| <= MATVEC_RTOL * (|x| @ |W|ᵀ)`` with MATVEC_RTOL =
+1e-5 (the observed worst case is ~2e-7 for in = 512; a reordered float32 sum of n terms is
+bounded by about n * 2^-24 times that quantity, and the deferred scale adds one rounding per
+8 terms; measured against a float64 sum, both kernels' worst error is ~3e-8 of that scale,
+torch's own float32 matmul's ~1e-7).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from qlora.kernels import c_extension
 from qlora.quant import dequantize, quantize
+from qlora.quant.blockwise import dequantize_absmax
 from qlora.quant.matvec import (
     MATVEC_MAX_ROWS,
     MATVEC_RTOL,
@@ -56,28 +61,90 @@ def test_kernel_matches_reference(kind: str, double_quant: bool, blocksize: int,
     _assert_close(quantized_matmul_few(x, state), x, state)
 
 
+def _kernel(
+    x: torch.Tensor, state, path: int = -1, absmax: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The raw kernel: the double-quantized scales decoded inside it unless ``absmax`` (fp32
+    scales) is given; ``path`` -1 best, 0 scalar, 1 avx2, 2 avx512."""
+    m, (out, inp) = x.shape[0], state.shape
+    y = torch.empty(m, out)
+    nested = state.nested if absmax is None else None
+    args = [
+        x.data_ptr(), state.packed.data_ptr(),
+        0 if nested else (state.absmax if absmax is None else absmax).data_ptr(),
+        state.code.data_ptr(), y.data_ptr(), m, out, inp, state.blocksize, state.bits, 2, path,
+    ]  # fmt: skip
+    if nested is not None:  # scales decoded in the kernel
+        args += [state.absmax.data_ptr(), nested.code.data_ptr(), nested.absmax.data_ptr()]
+        args += [float(nested.offset), nested.blocksize]
+    KERNEL.matmul(*args)
+    return y
+
+
 @needs_kernel
 @pytest.mark.parametrize(
     ("kind", "double_quant"), list(itertools.product(["nf4", "fp4", "nf2", "int8"], [False, True]))
 )
 def test_every_cpu_path_matches_reference(kind: str, double_quant: bool) -> None:
-    """The scalar and AVX2 paths too, not only the one this CPU picks (path <= the best)."""
+    """The scalar and AVX2 paths too, not only the one this CPU picks (path <= the best); 3
+    rows take AVX-512's register-decoding 4-bit kernel, 5 its row-buffer one."""
     torch.manual_seed(1)
     state = quantize(torch.randn(OUT, IN), kind, 32, double_quant)
-    x = torch.randn(5, IN)
     best = ["scalar", "avx2", "avx512"].index(KERNEL.best_path())
-    nested = state.nested
-    for path in range(best + 1):
-        y = torch.empty(5, OUT)
-        args = [
-            x.data_ptr(), state.packed.data_ptr(), 0 if nested else state.absmax.data_ptr(),
-            state.code.data_ptr(), y.data_ptr(), 5, OUT, IN, 32, state.bits, 2, path,
-        ]  # fmt: skip
-        if nested is not None:  # scales decoded in the kernel
-            args += [state.absmax.data_ptr(), nested.code.data_ptr(), nested.absmax.data_ptr()]
-            args += [float(nested.offset), nested.blocksize]
-        KERNEL.matmul(*args)
-        _assert_close(y, x, state)
+    for rows in (3, 5):
+        x = torch.randn(rows, IN)
+        for path in range(best + 1):
+            _assert_close(_kernel(x, state, path), x, state)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("kind", "inp", "blocksize"),
+    [
+        ("nf4", 160, 32),  # in % 128 == 32: the last 128-column chunk has 4 of 16 lanes
+        ("nf4", 576, 64),  # the default model's width: a half chunk at the end
+        ("fp4", 224, 32),  # 96 columns in the last chunk
+        ("nf4", 384, 128),
+        ("fp4", 512, 256),  # a block spans two chunks
+        ("nf4", 4096, 4096),
+    ],
+)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_widths_and_row_counts(
+    kind: str, inp: int, blocksize: int, double_quant: bool
+) -> None:
+    """Every row count of the 4-bit kernels (1-4: registers; 5: row buffer) on widths that are
+    not whole 128-column chunks, with an output count that is not a multiple of 4."""
+    torch.manual_seed(inp + blocksize)
+    state = quantize(torch.randn(OUT, inp), kind, blocksize, double_quant)
+    for rows in (1, 2, 3, 4, 5):
+        x = torch.randn(rows, inp)
+        _assert_close(quantized_matmul_few(x, state), x, state)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_double_quant_scales_in_the_kernel_are_exact(rows: int) -> None:
+    """Scales decoded in the kernel (two roundings, as blockwise.dequantize_absmax) give the
+    same bits as the kernel fed dequantize_absmax's float32 scales."""
+    torch.manual_seed(5)
+    state = quantize(torch.randn(OUT, IN), "nf4", 64, True)
+    x = torch.randn(rows, IN)
+    absmax = dequantize_absmax(state).float().contiguous()
+    assert torch.equal(_kernel(x, state), _kernel(x, state, absmax=absmax))
+
+
+@needs_kernel
+def test_nonfinite_input_propagates_like_the_reference() -> None:
+    """An inf or NaN in x spreads to every output, as in the reference (no lane of the padded
+    chunk may hide or invent one)."""
+    state = quantize(torch.randn(OUT, 576), "nf4", 64, True)
+    for bad in (float("inf"), float("nan")):
+        x = torch.randn(1, 576)
+        x[0, 570] = bad
+        ours, reference = quantized_matmul_few(x, state), _reference(x, state)
+        assert torch.equal(ours.isnan(), reference.isnan())
+        assert torch.equal(ours.isinf(), reference.isinf())
 
 
 @needs_kernel

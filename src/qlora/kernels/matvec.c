@@ -6,24 +6,41 @@
  * absmax per block). The caller guarantees in % blocksize == 0, so every row of W is a whole
  * number of blocks and row o's codes start at byte o * in * bits / 8.
  *
- * The reference is x @ dequantize(state, float32).t() (qlora/quant/matvec.py). Each weight is
- * formed exactly as the reference forms it (code[index] * absmax, one float32 rounding); only
- * the float32 summation order of the dot products differs (documented tolerance in the tests).
+ * The reference is x @ dequantize(state, float32).t() (qlora/quant/matvec.py). The row-buffer
+ * kernels form each weight exactly as the reference forms it (code[index] * absmax, one float32
+ * rounding); only the float32 summation order of the dot products differs. The AVX-512 4-bit
+ * kernel for M <= 4 multiplies the block scale once onto a partial sum instead
+ * (sum_k s_b * c_k * x_k computed as s_b * sum_k c_k * x_k: the same math, other roundings).
+ * Both stay far inside the documented tolerance (tests/quant/test_matvec.py: |ours - ref| <=
+ * 1e-5 * (|x| @ |W|^T); measured against a float64 sum, both kernels' worst error is ~3e-8 of
+ * that bound's scale, below torch's own float32 matmul's ~1e-7).
  *
  * Why this is fast for few rows: dequantize-then-matmul writes and re-reads a float32 copy of
- * W (8x the bytes of 4-bit codes); here each thread decodes a group of 4 rows of W (AVX-512:
- * 1024 columns at a time) into a per-thread buffer that stays in L1 and dots them with all M
- * input rows (register tiles of 4 (AVX2: 2) weight rows x up to 4 input rows, FMA), so W's
- * codes are read from memory once. Per block, the codebook is multiplied by the block's scale
- * once (the same products code[c] * absmax), so decoding is a register lookup.
+ * W (8x the bytes of 4-bit codes); here W's codes are read from memory once. Two kernels:
+ *
+ * - Row buffer (every width, M > 4 for 4-bit on AVX-512): each thread decodes a group of 4
+ *   rows of W (AVX-512: 1024 columns at a time) into a per-thread buffer that stays in L1 and
+ *   dots them with all M input rows (register tiles of 4 (AVX2: 2) weight rows x up to 4
+ *   input rows, FMA). Per block, the codebook is multiplied by the block's scale once (the
+ *   same products code[c] * absmax), so decoding is a register lookup.
+ * - Registers (4-bit on AVX-512, M <= 4): no buffer. A 64-byte load of codes is looked up 16
+ *   nibbles per vpermps straight from the loaded dwords (shifted by 4 between lookups) and
+ *   fed to the FMAs; x is permuted once per call into the order the lookups produce. Per 16
+ *   weights that is 3 vector instructions (lookup, shift, FMA) against ~6 for decode + store +
+ *   reload + FMA. Measured on a 2-core Zen 4 (AVX-512 double-pumped: ~1 zmm instruction per
+ *   cycle whatever the mix), 1 thread, nf4 + double quantization: 1.4-1.9x the row-buffer
+ *   kernel at M = 1 on the default model's shapes, 2.2-2.4x on 4096x4096; 1.4-1.7x at M = 2,
+ *   1.1-1.4x at M = 4. At M = 8 both are bound by the FMAs (8 per 16 decoded weights, at the
+ *   core's FMA peak: the row-buffer kernel already matches torch's dense float32 GEMM there),
+ *   so the row-buffer kernel stays for M > 4.
  *
  * Paths, chosen at run time (__builtin_cpu_supports): AVX-512F (16-entry codebook in one
  * register: vpermps decodes 16 nibbles), AVX2+FMA (two 8-entry halves and a blend), scalar
  * (byte tables). int8 with its own codebook ((i - 128) / 127) is decoded by a vector division
- * that gives the table's exact values; any other 8-bit codebook by a gather. The module is built without -m
- * flags; each path carries __attribute__((target(...))). OpenMP splits the output rows; the
- * GIL is released. Only integers cross the boundary: pointers from Tensor.data_ptr(), checked
- * by the Python side (dtypes, sizes, contiguity).
+ * that gives the table's exact values; any other 8-bit codebook by a gather. The module is
+ * built without -m flags; each path carries __attribute__((target(...))). OpenMP splits the
+ * output rows; the GIL is released. Only integers cross the boundary: pointers from
+ * Tensor.data_ptr(), checked by the Python side (dtypes, sizes, contiguity).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -45,6 +62,10 @@ static const int64_t PARALLEL_MIN_ELEMENTS = 1 << 17;
 /* Output rows decoded together (the AVX-512 tile's weight rows; AVX2 and scalar take them in
  * pairs / one by one). */
 enum { ROW_GROUP = 4 };
+/* Input rows up to which 4-bit codes on AVX-512 are decoded in registers (no row buffer):
+ * beyond, the FMAs dominate (8 per decoded vector at M = 8) and the row-buffer kernel's 4 x 4
+ * tiles are as fast (measured: benchmarks/bench_matvec.py). */
+enum { FUSED4_MAX_ROWS = 4 };
 /* Row groups per OpenMP grab (dynamic: a thread that loses its core on a shared machine does
  * not hold up the others for a whole static half). */
 enum { ROWS_PER_GRAB = 8 };
@@ -375,6 +396,146 @@ AVX512 static void rows_avx512(const Problem *p, int64_t r0, int64_t r1, float *
         }
     }
 }
+
+/* ---- AVX-512F, 4-bit codes: decoded into registers, no row buffer -------------------------- */
+
+/* A 64-byte load of codes is a chunk of 128 weights: dword l holds elements 8l .. 8l+7 (element
+ * 8l in the high nibble of its lowest byte). vpermps reads only the low 4 bits of each index,
+ * so sub-vector s of the chunk is looked up straight from (dwords >> 4s), no mask, no widening:
+ * its lane l is element 8l + (s ^ 1). x is permuted into that order once per call (`xp`), so
+ * the FMAs read it contiguously: per 16 weights one lookup, one shift, one FMA. */
+enum { CHUNK = 128 };
+/* How far ahead of its loads the kernel asks for codes. Decoding reads each layer's codes once
+ * per token, from DRAM, where the kernel was latency-bound: 576x576 at M = 1, 1 thread, cycling
+ * through 50 MB of weight copies took 56-65 us per call with the row-buffer kernel, 45-60 us
+ * with the register decode alone, 29-31 us with this prefetch 4 KB ahead (1 or 8 KB: ~40 us).
+ * In cache it costs nothing (4096x4096, 8 MB, L3: 1007 -> 833 us). */
+enum { PREFETCH_BYTES = 4096 };
+
+typedef struct {
+    const float *xp;           /* [m, in_pad]: x in decode order, zero past `in` */
+    const int32_t *lane_block; /* [nchunks, 16]: block of chunk c's lane l, minus base[c] */
+    const int32_t *base;       /* [nchunks]: the first block chunk c touches */
+    const int32_t *nscales;    /* [nchunks]: blocks of the row from base[c] on, at most 16 */
+    int64_t in_pad, nchunks;
+    __mmask16 tail; /* valid lanes of the last chunk (in % 128 / 8 of them, or all) */
+} Prep4;
+
+/* xp and the lane tables, in the calling thread before the parallel region: O(m * in), one
+ * gather per 16 floats (lane l of sub-vector s reads x[8l + (s ^ 1)]) */
+AVX512 static void prepare4(const Problem *p, float *xp, int32_t *lane_block, Prep4 *q) {
+    const int64_t nchunks = (p->in + CHUNK - 1) / CHUNK, in_pad = nchunks * CHUNK;
+    const int64_t nb = p->in / p->blocksize;
+    const int64_t rest = p->in - (nchunks - 1) * CHUNK; /* 32 .. 128, a multiple of 32 */
+    const __mmask16 tail = (__mmask16)(rest == CHUNK ? 0xffff : (1u << (rest / 8)) - 1);
+    const __m512i lanes8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96,
+                                             104, 112, 120);
+    for (int64_t t = 0; t < p->m; t++) {
+        const float *x = p->x + t * p->in;
+        float *dst = xp + t * in_pad;
+        for (int64_t c = 0; c < nchunks; c++) {
+            const __mmask16 valid = c + 1 < nchunks ? (__mmask16)0xffff : tail;
+            for (int s = 0; s < 8; s++) {
+                const __m512i idx = _mm512_add_epi32(lanes8, _mm512_set1_epi32(s ^ 1));
+                /* masked-off lanes read nothing and stay zero */
+                _mm512_storeu_ps(dst + c * CHUNK + 16 * s,
+                                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx,
+                                                          x + c * CHUNK, 4));
+            }
+        }
+    }
+    int32_t *base = lane_block + nchunks * 16, *nscales = base + nchunks;
+    for (int64_t c = 0; c < nchunks; c++) {
+        base[c] = (int32_t)(c * CHUNK / p->blocksize);
+        nscales[c] = (int32_t)(nb - base[c] < 16 ? nb - base[c] : 16);
+        for (int l = 0; l < 16; l++) {
+            const int64_t k = c * CHUNK + 8 * l; /* a lane past the row: masked off */
+            lane_block[c * 16 + l] = (int32_t)(k < p->in ? k / p->blocksize - base[c] : 0);
+        }
+    }
+    *q = (Prep4){xp, lane_block, base, nscales, in_pad, nchunks, tail};
+}
+
+/* y[0 .. T, r .. r+R] = rows r .. r+R of W against the T rows of xp. Per chunk and row: the
+ * lanes' block scales (one permute of the row's scales: a chunk spans at most 4 blocks of 32),
+ * then 8 sub-vectors looked up from the codebook and summed into `part` (c_k * x_k, FMA), then
+ * acc += part * scale: the block scale once per 8 products of a lane, not once per weight (all
+ * 8 of a lane's columns lie in one block: blocks are multiples of 32 columns). 2 x R x T
+ * accumulators, so each x load feeds R FMAs. T, R constants after inlining. */
+AVX512 static inline __attribute__((always_inline)) void
+tile4_avx512(const Problem *p, const Prep4 *q, const float *scales, int64_t r, int T, int R) {
+    const __m512 book = _mm512_loadu_ps(p->code);
+    const int64_t row_bytes = p->in / 2, nb = p->in / p->blocksize;
+    const uint8_t *codes = p->packed + r * row_bytes;
+    const float *x = q->xp;
+    __m512 acc[4][4];
+    for (int j = 0; j < 4; j++)
+        for (int t = 0; t < 4; t++) acc[j][t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < q->nchunks; c++) {
+        const __mmask16 valid = c + 1 < q->nchunks ? (__mmask16)0xffff : q->tail;
+        const __m512i lanes = _mm512_loadu_si512(q->lane_block + c * 16);
+        __m512i v[4];
+        __m512 sv[4];
+        for (int j = 0; j < R; j++) {
+            const uint8_t *line = codes + j * row_bytes + c * (CHUNK / 2);
+            v[j] = _mm512_maskz_loadu_epi32(valid, line);
+            /* rows are consecutive in memory, so this is the rows after the group: a hint
+             * (never faults) that keeps DRAM busy while the lookups run */
+            _mm_prefetch((const char *)line + PREFETCH_BYTES, _MM_HINT_T0);
+            /* the row's scales from base[c] on (never past its last block), one per lane;
+             * lanes past the row get 0 (their codes and x are 0 too) */
+            const __m512 row_scales = _mm512_maskz_loadu_ps(
+                (__mmask16)((1u << q->nscales[c]) - 1), scales + j * nb + q->base[c]);
+            sv[j] = _mm512_maskz_permutexvar_ps(valid, lanes, row_scales);
+        }
+        const float *xc = x + c * CHUNK;
+        __m512 part[4][4];
+        for (int j = 0; j < 4; j++)
+            for (int t = 0; t < 4; t++) part[j][t] = _mm512_setzero_ps();
+        for (int s = 0; s < 8; s++) {
+            for (int j = 0; j < R; j++) {
+                const __m512 w = _mm512_permutexvar_ps(v[j], book);
+                v[j] = _mm512_srli_epi32(v[j], 4);
+                for (int t = 0; t < T; t++)
+                    part[j][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + t * q->in_pad + 16 * s),
+                                                part[j][t]);
+            }
+        }
+        for (int j = 0; j < R; j++)
+            for (int t = 0; t < T; t++) acc[j][t] = _mm512_fmadd_ps(part[j][t], sv[j], acc[j][t]);
+    }
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < R; j++)
+            p->y[t * p->out + r + j] = _mm512_reduce_add_ps(acc[j][t]);
+}
+
+/* rows [r0, r1) of y, at most ROW_GROUP: their scales (the stored absmax, or double-quantized
+ * ones decoded into `scratch`), then tiles over x */
+AVX512 static void rows4_avx512(const Problem *p, const Prep4 *q, int64_t r0, int64_t r1,
+                                float *scratch) {
+    const int R = (int)(r1 - r0);
+    const int64_t nb = p->in / p->blocksize;
+    const float *scales = p->absmax != NULL ? p->absmax + r0 * nb : scratch; /* [R, nb] */
+    if (p->absmax == NULL) /* scalar: as fast as gathers or permutes of the 256-entry code */
+        for (int64_t b = 0; b < R * nb; b++) scratch[b] = block_scale(p, r0 * nb + b);
+    const int T = (int)p->m; /* 1 .. FUSED4_MAX_ROWS */
+    int j = 0;
+#define CASE(rr, tt) \
+    case (rr) * 8 + (tt): tile4_avx512(p, q, scales + j * nb, r0 + j, tt, rr); break;
+    if (T <= 2) { /* the whole group in one pass over its codes: 2 x R x T accumulators */
+        switch (R * 8 + T) {
+            CASE(1, 1) CASE(1, 2) CASE(2, 1) CASE(2, 2)
+            CASE(3, 1) CASE(3, 2) CASE(4, 1) CASE(4, 2)
+        }
+        return;
+    }
+    for (; j < R; j += 2) /* 3 or 4 input rows: pairs of weight rows (32 zmm would spill) */
+        switch ((R - j >= 2 ? 2 : 1) * 8 + T) {
+            CASE(1, 3) CASE(1, 4) CASE(2, 3) CASE(2, 4)
+        }
+#undef CASE
+}
+
 #endif
 
 static int best_path(void) {
@@ -397,32 +558,59 @@ static int best_path(void) {
 
 static const char *PATH_NAMES[] = {"scalar", "avx2", "avx512"};
 
-/* The calling thread's buffer for ROW_GROUP decoded rows, at least `bytes`, 64-byte aligned.
- * Kept per thread (OpenMP's threads persist) and grown, never shrunk: allocating it per call
- * would mmap/munmap it every token once it passes glibc's mmap threshold (in > 8192). */
-static _Thread_local float *row_buffer = NULL;
-static _Thread_local size_t row_buffer_bytes = 0;
+/* A thread's scratch, at least `bytes`, 64-byte aligned. Kept per thread (OpenMP's threads
+ * persist) and grown, never shrunk: allocating per call would mmap/munmap it every token once
+ * it passes glibc's mmap threshold (in > 8192). Two of them: `row_buffer` for the decoded rows
+ * or the scales of a row group (every thread), `prep_buffer` for x in decode order and the
+ * lane tables (the calling thread, read by all). */
+typedef struct {
+    void *data;
+    size_t bytes;
+} Scratch;
+static _Thread_local Scratch row_buffer = {NULL, 0};
+#ifdef QLORA_X86
+static _Thread_local Scratch prep_buffer = {NULL, 0};
+#endif
 
-static float *thread_row_buffer(size_t bytes) {
-    if (bytes > row_buffer_bytes) {
-        free(row_buffer);
-        row_buffer = aligned_alloc(64, bytes);
-        row_buffer_bytes = row_buffer != NULL ? bytes : 0;
+static void *grow(Scratch *s, size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes > s->bytes) {
+        free(s->data);
+        s->data = aligned_alloc(64, bytes);
+        s->bytes = s->data != NULL ? bytes : 0;
     }
-    return row_buffer;
+    return s->data;
 }
 
-/* Returns 0, or -1 when a thread could not get its row buffer. */
+/* Whether the register-decoding 4-bit AVX-512 kernel runs (else the row-buffer one). */
+static int use_fused4(const Problem *p, int path) {
+    return path == PATH_AVX512 && p->bits == 4 && p->m <= FUSED4_MAX_ROWS;
+}
+
+/* Returns 0, or -1 when a thread could not get its scratch. */
 static int run(const Problem *p, int path, int nthreads) {
     float table[256][8];
     if (path == PATH_SCALAR) build_table(p->code, p->bits, table);
+    const int fused4 = use_fused4(p, path);
+#ifdef QLORA_X86
+    Prep4 prep;
+    if (fused4) {
+        const int64_t nchunks = (p->in + CHUNK - 1) / CHUNK;
+        /* xp [m, nchunks * 128] floats, then lane_block [nchunks, 16], base, nscales */
+        char *buf = grow(&prep_buffer, (size_t)(p->m * nchunks * CHUNK * 4 + nchunks * 18 * 4));
+        if (buf == NULL) return -1;
+        float *xp = (float *)buf;
+        prepare4(p, xp, (int32_t *)(xp + p->m * nchunks * CHUNK), &prep);
+    }
+#endif
+    /* per thread: ROW_GROUP decoded weight rows, or ROW_GROUP rows' decoded scales */
+    const size_t bytes = (size_t)(fused4 ? ROW_GROUP * (p->in / p->blocksize) * 4
+                                         : ROW_GROUP * p->in * 4);
     const int64_t groups = (p->out + ROW_GROUP - 1) / ROW_GROUP;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        /* ROW_GROUP decoded weight rows, 64-byte aligned, private to the thread (L1/L2) */
-        const size_t bytes = (size_t)((ROW_GROUP * p->in * 4 + 63) / 64 * 64);
-        float *w = thread_row_buffer(bytes);
+        float *w = grow(&row_buffer, bytes);
         if (w == NULL) failed = 1;
 #pragma omp for schedule(dynamic, ROWS_PER_GRAB)
         for (int64_t g = 0; g < groups; g++) {
@@ -430,7 +618,9 @@ static int run(const Problem *p, int path, int nthreads) {
             const int64_t r0 = ROW_GROUP * g;
             const int64_t r1 = r0 + ROW_GROUP < p->out ? r0 + ROW_GROUP : p->out;
 #ifdef QLORA_X86
-            if (path == PATH_AVX512)
+            if (fused4)
+                rows4_avx512(p, &prep, r0, r1, w);
+            else if (path == PATH_AVX512)
                 rows_avx512(p, r0, r1, w);
             else if (path == PATH_AVX2)
                 rows_avx2(p, r0, r1, w);

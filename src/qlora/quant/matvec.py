@@ -8,9 +8,11 @@ rows in float32 (FMA), reading the codes once. Above ``MATVEC_MAX_ROWS`` rows th
 compute-bound and dequantize-then-matmul (a tuned GEMM) wins again.
 
 The reference is ``x @ dequantize(state, torch.float32).t()``. The kernel forms every weight
-exactly as the reference does (one float32 product); only the summation order of each dot
-product differs, so results agree to float32 rounding: tests/quant/test_matvec.py asserts
-``|ours - reference| <= MATVEC_RTOL * (|x| @ |W|ᵀ)`` element-wise.
+exactly as the reference does (one float32 product) and only sums in another order, except
+its AVX-512 4-bit path for up to 4 rows, which multiplies each block scale onto a partial sum
+of 8 products (s * sum c x for sum s * c * x); either way results agree to float32 rounding:
+tests/quant/test_matvec.py asserts ``|ours - reference| <= MATVEC_RTOL * (|x| @ |W|ᵀ)``
+element-wise.
 
 The kernel runs when `matvec_applies` says so (CPU tensors, a codebook kind - nf4, fp4, nf2,
 int8 - with or without double quantization, ``in % blocksize == 0``, at most
