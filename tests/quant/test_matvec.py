@@ -228,3 +228,22 @@ def test_wrong_shapes_are_one_line_errors() -> None:
         quantized_matmul_few(torch.randn(1, IN), flat)
     with pytest.raises(ValueError, match=r"must be float32, bfloat16 or float16, got torch\.int64"):
         quantized_matmul_few(torch.ones(1, IN, dtype=torch.long), state)
+
+
+@needs_kernel
+def test_integer_codes_on_every_cpu_path() -> None:
+    """Codes i - 128 (quant/lossless.py's exact 8-bit blocks): decoded without a gather on
+    AVX2/AVX-512, bit for bit the table's values, on every path."""
+    from qlora.quant.lossless import lossless_int8
+
+    torch.manual_seed(2)
+    scales = (torch.rand(OUT, IN // 32, 1) + 0.5).half().float()  # float16 scales, as Q8_0
+    codes = torch.randint(-127, 128, (OUT, IN // 32, 32)).float()
+    codes[..., 0] = 127  # as Q8_0 blocks: the largest |code| is 127
+    state = lossless_int8((codes * scales).reshape(OUT, IN))
+    assert state is not None
+    best = ["scalar", "avx2", "avx512"].index(KERNEL.best_path())
+    for rows in (1, 5):
+        x = torch.randn(rows, IN)
+        for path in range(best + 1):
+            _assert_close(_kernel(x, state, path), x, state)

@@ -84,18 +84,22 @@ typedef struct {
     float *y;              /* [m, out] */
     int64_t m, out, in, blocksize;
     int bits;
-    int int8_affine; /* code[i] == (float)(i - 128) / 127.0f for all i: decode without a gather */
+    int int8_affine; /* int8_affine_mode(code) for 8-bit codes: 1, 2 or 0 (gather) */
 } Problem;
 
-/* Whether an 8-bit codebook is exactly the int8 kind's (i - 128) / 127 (float32 division,
- * as codebooks.py builds it): then a code is computed by one vector division, bit for bit the
- * table's value, instead of a gather (slow on every x86 we have). */
-static int is_int8_affine(const float *code) {
+/* Which 8-bit codebook this is, for a decode without a gather (slow on every x86 we have):
+ * 1: exactly the int8 kind's (i - 128) / 127 (float32 division, as codebooks.py builds it):
+ *    a code is one vector division, bit for bit the table's value;
+ * 2: exactly i - 128 (integer codes: quant/lossless.py): a conversion, no division;
+ * 0: anything else (gather). */
+static int int8_affine_mode(const float *code) {
+    int scaled = 1, integer = 1;
     for (int i = 0; i < 256; i++) {
         volatile float expect = (float)(i - 128) / 127.0f;
-        if (code[i] != expect) return 0;
+        if (code[i] != expect) scaled = 0;
+        if (code[i] != (float)(i - 128)) integer = 0;
     }
-    return 1;
+    return scaled ? 1 : integer ? 2 : 0;
 }
 
 /* The float32 scale of block `blk`, exactly as blockwise.dequantize_absmax forms it: with
@@ -185,12 +189,19 @@ decode_block_avx2(const Problem *p, const uint8_t *q, float scale, float *w, con
                 _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(half), shifts), two);
             _mm256_storeu_ps(w + k, _mm256_permutevar8x32_ps(table, idx));
         }
-    } else if (p->int8_affine) { /* 8-bit, (i - 128) / 127: convert, divide, scale */
+    } else if (p->int8_affine == 1) { /* 8-bit, (i - 128) / 127: convert, divide, scale */
         const __m256i bias = _mm256_set1_epi32(128);
         const __m256 d = _mm256_set1_ps(127.0f);
         for (int64_t k = 0; k < bs; k += 8) {
             const __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k)));
             const __m256 c = _mm256_div_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(i, bias)), d);
+            _mm256_storeu_ps(w + k, _mm256_mul_ps(c, s));
+        }
+    } else if (p->int8_affine == 2) { /* 8-bit, i - 128: convert, scale */
+        const __m256i bias = _mm256_set1_epi32(128);
+        for (int64_t k = 0; k < bs; k += 8) {
+            const __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k)));
+            const __m256 c = _mm256_cvtepi32_ps(_mm256_sub_epi32(i, bias));
             _mm256_storeu_ps(w + k, _mm256_mul_ps(c, s));
         }
     } else { /* 8-bit: gather from the 256-entry codebook */
@@ -303,12 +314,19 @@ decode_block_avx512(const Problem *p, const uint8_t *q, float scale, float *w, c
             const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), two);
             _mm512_storeu_ps(w + k, _mm512_permutexvar_ps(idx, table));
         }
-    } else if (p->int8_affine) { /* 8-bit, (i - 128) / 127: convert, divide, scale */
+    } else if (p->int8_affine == 1) { /* 8-bit, (i - 128) / 127: convert, divide, scale */
         const __m512i bias = _mm512_set1_epi32(128);
         const __m512 d = _mm512_set1_ps(127.0f);
         for (int64_t k = 0; k < bs; k += 16) {
             const __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k)));
             const __m512 c = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i, bias)), d);
+            _mm512_storeu_ps(w + k, _mm512_mul_ps(c, s));
+        }
+    } else if (p->int8_affine == 2) { /* 8-bit, i - 128: convert, scale */
+        const __m512i bias = _mm512_set1_epi32(128);
+        for (int64_t k = 0; k < bs; k += 16) {
+            const __m512i i = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k)));
+            const __m512 c = _mm512_cvtepi32_ps(_mm512_sub_epi32(i, bias));
             _mm512_storeu_ps(w + k, _mm512_mul_ps(c, s));
         }
     } else {
@@ -686,7 +704,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
                        in,
                        blocksize,
                        bits,
-                       bits == 8 && is_int8_affine((const float *)code)};
+                       bits == 8 ? int8_affine_mode((const float *)code) : 0};
     int rc;
     Py_BEGIN_ALLOW_THREADS;
     rc = run(&p, path, nthreads);

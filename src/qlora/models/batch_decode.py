@@ -17,6 +17,10 @@ projections) in a forward written for decoding, instead of transformers' generic
   into one matmul, the scaling folded into A). Adapters are plain tensors, not modules:
   loading one for serving never touches the model, and a row keeps the tensors it started
   with even if its adapter is unloaded meanwhile.
+* **Fewer bytes for an 8-bit output head.** A float32 head that is exactly 8-bit blocks
+  (the default model's, from its GGUF's Q8_0) is read as those blocks by the same kernel:
+  the same weights, a quarter of the bytes (`qlora.quant.lossless`); any other head stays
+  as it is.
 * **Little per-token Python.** Module look-ups, masks and rotary angles are prepared once
   per step, not per layer; nothing is allocated per token but the activations.
 
@@ -53,6 +57,7 @@ from qlora.nn import fast_decoding
 from qlora.nn.inject import lora_layers
 from qlora.nn.lora import LoRALinear
 from qlora.nn.qlinear import QuantLinear
+from qlora.quant.lossless import lossless_int8
 from qlora.quant.matvec import MATVEC_MAX_ROWS
 from qlora.quant.matvec_plan import MatvecPlan
 
@@ -130,6 +135,8 @@ class _Projection:
         base = self.base
         if self.float32 and x.dtype == torch.float32:  # the casts below are no-ops: skip them
             return self.plan(x) if base.bias is None else self.plan(x) + base.bias
+        if not isinstance(base, QuantLinear):
+            return base(x)
         out = self.plan(x.to(base.compute_dtype)).to(base.compute_dtype)  # [n, out]
         if base.bias is not None:
             out = out + base.bias.to(out.dtype)
@@ -150,6 +157,22 @@ def _projection(model: nn.Module, path: str) -> _Projection:
         plan = MatvecPlan.create(module.quant_state)
     float32 = isinstance(module, QuantLinear) and module.compute_dtype == torch.float32
     return _Projection(path, module, plan, float32)
+
+
+def _head_projection(model: nn.Module) -> _Projection:
+    """lm_head; a float32 head made of 8-bit blocks (a GGUF's Q8_0 output, as the default
+    model's) runs as those blocks through the fused kernel: the same weights bit for bit
+    (`qlora.quant.lossless`), a quarter of the bytes to read per token."""
+    projection = _projection(model, "lm_head")
+    base = projection.base
+    weight = getattr(base, "weight", None)
+    if projection.plan is not None or type(base) is not nn.Linear or weight is None:
+        return projection
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return projection
+    state = lossless_int8(weight)
+    plan = MatvecPlan.create(state) if state is not None else None
+    return projection if plan is None else _Projection(projection.path, base, plan, True)
 
 
 @dataclass(frozen=True)
@@ -242,7 +265,7 @@ class BatchDecoder:
         self._embed = model.model.embed_tokens
         self._norm = _Norm(model.model.norm)
         self._rotary = model.model.rotary_emb
-        self._head = _projection(model, "lm_head")
+        self._head = _head_projection(model)
         self._blocks = [self._block(model, i) for i in range(len(model.model.layers))]
         self._sites: list[tuple[str, ...]] = [
             tuple(getattr(block, name).path for name in site)
