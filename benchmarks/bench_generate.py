@@ -10,11 +10,16 @@ greedy. EOS never ends a sequence early: ``min_new_tokens = max_new_tokens`` for
 the first of them. The arms, each in its own fresh subprocess:
 
     ours-nf4 / ours-int8 / ours-fp32   qlora.load_model(quant=nf4 (double quant) | int8 | None)
-                   then ``model.generate`` inside ``qlora.nn.fast_decoding`` (what
-                   `qlora.generate.generate_text` runs);
+                   decoded by ``qlora.models.batch_decode.BatchDecoder`` (what
+                   `qlora.generate.generate_text` runs): batch 8 is 8 rows of different
+                   prompt lengths (no padding), each prefilled alone, then one step per token
+                   for all rows; EOS is masked (as ``min_new_tokens`` does for ``generate``).
+                   Each ours arm also runs ``model.generate`` inside ``qlora.nn.fast_decoding``
+                   (the previous path) on the same prompts, left-padded: an extra line.
                    ours-nf4 also times ``generate_text`` itself once (batch 1, EOS allowed)
     ...-lora       the same with an unmerged adapter: qlora.add_lora(LoraConfig(r=16,
-                   dropout=0)) with every B drawn N(0, 0.01) (B = 0 would be a no-op)
+                   dropout=0)) with every B drawn N(0, 0.01) (B = 0 would be a no-op); the
+                   batch decoder's rows carry it as ``adapter_weights(model, "default")``
     hf-fp32        transformers' AutoModelForCausalLM, float32, on the converted directory
                    ours loads: the greedy reference for ours-fp32
     bnb-nf4-fp32 / bnb-nf4-bf16   transformers + BitsAndBytesConfig(nf4, double quant,
@@ -27,9 +32,10 @@ the first of them. The arms, each in its own fresh subprocess:
                    ``Llama.generate`` requests (a ratio line; what a one-at-a-time server does)
     ours-gguf      (only when named) quant="gguf": the GGUF's own Q4_1 blocks as our base
 
-Each child reports, per batch size: time to first token (the ``generate`` call to the first
-new token: prefill + first step), decode tokens/s per sequence (new tokens after the first,
-over the time after the first) and aggregate (x batch), the greedy tokens; and the process's
+Each child reports, per batch size: time to first token (the ``generate`` call, or the first
+prefill, to the first new token of every row: prefill + first step), decode tokens/s per
+sequence (new tokens after the first, over the time after the first) and aggregate
+(x batch), the greedy tokens; and the process's
 peak RSS (``VmHWM``: imports, load and both batches). One unmeasured 2-token generation warms
 each batch size first. ``--profile ARM`` instead runs ARM for 16 tokens (batch 1) under
 torch.profiler and splits the decode time: dequantize, matmuls, attention, other torch ops,
@@ -44,9 +50,10 @@ with a descheduled partner thread made ours-nf4 decode ~8x slower at 2 threads t
 a loaded 2-core box (one parallel region per layer per token). The profile's 16 tokens
 include the prompt's prefill.
 
-Prints the CPU, a table, the ratios the issue's targets are about, greedy equality of
-ours-fp32 against hf-fp32, and one JSON line. Exits 0 whatever the numbers (a benchmark
-measures). On a shared machine timings are noisy; peaks are not.
+Prints the CPU, a table, the ratios the issue's targets are about, BatchDecoder against
+``generate()`` for each ours arm, greedy equality of ours-fp32 against hf-fp32 and of each
+ours arm's BatchDecoder against its own ``generate()``, and one JSON line. Exits 0 whatever
+the numbers (a benchmark measures). On a shared machine timings are noisy; peaks are not.
 """
 
 from __future__ import annotations
@@ -211,16 +218,68 @@ def _hf_generate(model: Any, ids: Any, mask: Any, pad: int, new: int) -> dict[st
     }
 
 
+def _argmax(logits: Any, banned: list[int]) -> list[int]:
+    """Greedy tokens of logits [B, V] with the ``banned`` ids (EOS) never chosen."""
+    logits[:, banned] = float("-inf")
+    return logits.argmax(dim=-1).tolist()
+
+
+def _ours_decode(
+    model: Any, prompts: list[list[int]], new: int, adapter: Any, banned: list[int]
+) -> dict[str, Any]:
+    """``new`` greedy tokens for every prompt on a BatchDecoder (one row per prompt)."""
+    import torch
+
+    from qlora.models.batch_decode import BatchDecoder
+
+    decoder = BatchDecoder(model, max_batch=len(prompts))
+    # Prepared once, as a server does per adapter: every row shares it (one adapter group).
+    adapter = None if adapter is None else decoder.prepare(adapter)
+    with torch.inference_mode():  # the decoder's logits are inference tensors
+        start = time.perf_counter()
+        logits = torch.stack([decoder.prefill(p, adapter) for p in prompts])  # [B, V]
+        tokens = [[t] for t in _argmax(logits, banned)]  # [B][1]
+        first = time.perf_counter()
+        for _ in range(new - 1):
+            logits = decoder.step([seq[-1] for seq in tokens])  # [B, V]
+            for seq, t in zip(tokens, _argmax(logits, banned), strict=True):
+                seq.append(t)
+        end = time.perf_counter()
+    return {
+        "ttft_s": first - start,
+        "decode_s": end - first,
+        "decode_tok_s": (new - 1) / (end - first),
+        "new_tokens": new,
+        "tokens": tokens,
+    }
+
+
+def _ours_decoder_args(model: Any, tokenizer: Any, arm: str) -> tuple[Any, list[int]]:
+    """(the row adapter, the EOS ids to mask) of an ours arm."""
+    from qlora.generate import stop_ids
+    from qlora.models.batch_decode import adapter_weights
+
+    adapter = adapter_weights(model, "default") if arm.endswith("-lora") else None
+    return adapter, sorted(stop_ids(model, tokenizer))
+
+
 def _hf_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = _load(arm)
     prompts = _prompts(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     result: dict[str, Any] = {"prompt_tokens": [len(p) for p in prompts]}
+    ours = arm.startswith("ours")
     for batch in args.batches:
         ids, mask = _left_padded(prompts[:batch], pad)
         _hf_generate(model, ids, mask, pad, 2)  # warm-up, unmeasured
         run = _hf_generate(model, ids, mask, pad, args.new_tokens)
         run["aggregate_tok_s"] = run["decode_tok_s"] * batch
+        if ours:  # generate() is the extra line; the batch decoder is the arm's number
+            result.setdefault("generate", {})[f"b{batch}"] = run
+            adapter, banned = _ours_decoder_args(model, tokenizer, arm)
+            _ours_decode(model, prompts[:batch], 2, adapter, banned)  # warm-up
+            run = _ours_decode(model, prompts[:batch], args.new_tokens, adapter, banned)
+            run["aggregate_tok_s"] = run["decode_tok_s"] * batch
         result[f"b{batch}"] = run
     if arm == "ours-nf4":
         result["public"] = _public_path(model, tokenizer, args.new_tokens)
@@ -404,14 +463,21 @@ def profile(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     prompt = _prompts(tokenizer)[:1]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = _left_padded(prompt, pad)
-    _hf_generate(model, ids, mask, pad, 2)
-    plain = _hf_generate(model, ids, mask, pad, PROFILE_TOKENS)  # without the profiler's cost
+
+    def run(new: int) -> dict[str, Any]:
+        """The arm's decoder: the batch decoder for ours, ``generate`` for hf-fp32."""
+        if arm.startswith("ours"):
+            return _ours_decode(model, prompt, new, *_ours_decoder_args(model, tokenizer, arm))
+        return _hf_generate(model, ids, mask, pad, new)
+
+    run(2)
+    plain = run(PROFILE_TOKENS)  # without the profiler's cost
     # The C dequantize kernel is no torch op: label the call that runs it (and DQ's absmax).
     _annotate(qlinear, "dequantize_for_matmul", "qlora::dequantize")
     _annotate(model.lm_head, "forward", "lm_head")
     with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        _hf_generate(model, ids, mask, pad, PROFILE_TOKENS)
+        run(PROFILE_TOKENS)
         wall = time.perf_counter() - start
     events = {e.key: e for e in prof.key_averages()}
 
@@ -528,6 +594,15 @@ def _ratio_lines(rows: list[dict[str, Any]], batches: list[int]) -> list[str]:
                     f"batch {b}: {ours} + unmerged r={LORA_R} adapter adds {slow:+.1%} to decode "
                     f"time (target <= +10%)"
                 )
+    for arm, r in by.items():
+        for b in batches if "generate" in r else ():
+            ours, gen = r[f"b{b}"]["decode_tok_s"], r["generate"][f"b{b}"]["decode_tok_s"]
+            ttft = r[f"b{b}"]["ttft_s"] * 1e3, r["generate"][f"b{b}"]["ttft_s"] * 1e3
+            lines.append(
+                f"batch {b}: {arm} BatchDecoder {ours:.1f} tok/s/seq vs generate() under "
+                f"fast_decoding {gen:.1f} ({ours / gen:.2f}x); TTFT {ttft[0]:.0f} vs "
+                f"{ttft[1]:.0f} ms"
+            )
     if len(bnb) == 2:
         b0 = batches[0]
         lines.append(
@@ -556,9 +631,17 @@ def _greedy_lines(rows: list[dict[str, Any]], batches: list[int]) -> list[str]:
     pairs += [("ours-nf4", "bnb-nf4-fp32", b, b) for b in batches]
     # llama.cpp's multi-sequence batch against the same prompts one at a time
     pairs += [("llamacpp-q4_1", "llamacpp-q4_1", b, f"{b}-sequential") for b in batches if b > 1]
+    # each ours arm's batch decoder against its own generate() (left-padded at batch > 1)
+    pairs += [
+        (arm, arm, b, f"{b}-generate") for arm in by if "generate" in by[arm] for b in batches
+    ]
     for ours, ref, b, rb in pairs:
         if ours in by and ref in by:
-            a, r = by[ours][f"b{b}"]["tokens"], by[ref][f"b{rb}"]["tokens"]
+            a = by[ours][f"b{b}"]["tokens"]
+            if rb == f"{b}-generate":
+                r = by[ref]["generate"][f"b{b}"]["tokens"]
+            else:
+                r = by[ref][f"b{rb}"]["tokens"]
             same = sum(x == y for x, y in zip(a, r, strict=True))
             first = [
                 next((i for i, (x, y) in enumerate(zip(p, q, strict=True)) if x != y), None)
@@ -567,8 +650,9 @@ def _greedy_lines(rows: list[dict[str, Any]], batches: list[int]) -> list[str]:
             verdict = (
                 "MATCH" if same == len(a) else f"MISMATCH (first differing step per row: {first})"
             )
+            how = {b: "", f"{b}-generate": " generate()"}.get(rb, " sequential")
             lines.append(
-                f"greedy batch {b}: {ours} vs {ref}{'' if rb == b else ' sequential'}: "
+                f"greedy batch {b}: {ours} vs {ref}{how}: "
                 f"{same}/{len(a)} sequences equal: {verdict}"
             )
     return lines

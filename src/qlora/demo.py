@@ -5,9 +5,10 @@
 2. Load the default model quantized to NF4 with double quantization, add LoRA (r=16,
    α=32) on every linear layer, and train with the QLoRA recipe (AdamW, constant LR after
    warmup, grad clipping 0.3) through the same code path as ``qlora train``.
-3. Score the held-out records greedily with the adapters disabled (the base model) and
-   enabled, print both accuracies and a few side-by-side answers; the adapter (PEFT
-   format), metrics.jsonl and loss.png stay in the output directory.
+3. Score the held-out records greedily (on the batch decoder, `qlora.generate.greedy_decoder`)
+   with the adapters disabled (the base model) and enabled, print both accuracies and a few
+   side-by-side answers; the adapter (PEFT format), metrics.jsonl and loss.png stay in the
+   output directory.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _demo_in(run_dir: RunDirectory, steps: int, n_eval: int) -> dict:
     import torch
 
     from qlora.data import make_task_dataset, score, write_jsonl
+    from qlora.generate import greedy_decoder
     from qlora.nn import disable_adapters
     from qlora.recipe import run_training
 
@@ -71,10 +73,11 @@ def _demo_in(run_dir: RunDirectory, steps: int, n_eval: int) -> dict:
     model, tok = run.model, run.tokenizer
     model.eval()
     t_eval = time.perf_counter()
+    decode = greedy_decoder(model)  # the batch decoder, 8 prompts at a time
     with torch.no_grad():
         with disable_adapters(model):
-            before = score(model, tok, eval_records)
-        after = score(model, tok, eval_records)
+            before = score(model, tok, eval_records, decode=decode)
+        after = score(model, tok, eval_records, decode=decode)
     eval_seconds = time.perf_counter() - t_eval
     print("\nheld-out examples (base | fine-tuned | expected):")
     for i in range(5):

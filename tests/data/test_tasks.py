@@ -82,3 +82,27 @@ def test_batched_left_padded_generation_matches_one_by_one(tok: Any) -> None:
     result = score(model, tok, records, max_new_tokens=4, batch_size=3)
     assert (result.n, result.predictions, result.answers) == (3, batched, ["a", "x", "x"])
     assert result.accuracy == result.n_correct / 3
+
+
+def test_batch_decoder_answers_equal_the_left_padded_reference(tok: Any) -> None:
+    from qlora.generate import greedy_decoder
+
+    model = tiny_llama(seed=0, vocab=len(tok), hidden=32, intermediate=64)
+    records = [
+        {"instruction": INSTRUCTION, "input": "a", "output": "a"},
+        {"instruction": INSTRUCTION, "input": "apple river stone cloud green", "output": "x"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+    ]
+    reference = generate_answers(model, tok, records, max_new_tokens=6, batch_size=3)
+    calls: list[int] = []
+    decoder = greedy_decoder(model, max_batch=2)  # 3 prompts: one joins when a row leaves
+
+    def decode(prompts: Any, max_new_tokens: int, stop: Any) -> list[list[int]]:
+        calls.append(len(prompts))
+        assert set(stop) == {tok.eos_token_id}
+        return decoder(prompts, max_new_tokens, stop)
+
+    assert generate_answers(model, tok, records, max_new_tokens=6, decode=decode) == reference
+    assert calls == [3]
+    result = score(model, tok, records, max_new_tokens=6, decode=decode)
+    assert result.predictions == reference

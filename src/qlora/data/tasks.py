@@ -17,7 +17,10 @@ Measured (2-core CPU, SmolLM2-135M-Instruct loaded in nf4 + double quantization,
   eval records is 46/50 = 0.92.
 
 Also here: the batch greedy generation and exact-match scoring used to measure the model
-before and after fine-tuning on the held-out records.
+before and after fine-tuning on the held-out records. This layer cannot import the model
+code, so the fast decoder comes in as ``decode`` (the demo passes
+`qlora.generate.greedy_decoder`); without it, transformers' ``generate`` on left-padded
+batches decodes (the reference).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ __all__ = [
     "INSTRUCTION",
     "WORDS",
     "ZERO_SHOT_ACCURACY",
+    "GreedyDecode",
     "TaskScore",
     "exact_match",
     "generate_answers",
@@ -64,6 +68,9 @@ _WORD_LIST = """
     sugar thunder turtle valley wheat blue purple black white horse mouse sheep goat bottle
     planet spoon train truck"""
 WORDS: tuple[str, ...] = tuple(_WORD_LIST.split())
+
+# (prompts' token ids, max_new_tokens, stop ids) -> each prompt's new token ids, greedy.
+GreedyDecode = Callable[[Sequence[list[int]], int, Collection[int]], list[list[int]]]
 
 # Greedy zero-shot exact match of SmolLM2-135M-Instruct (nf4, the default load) on
 # make_task_dataset(0, 50, seed=0)[1], measured with `score`.
@@ -146,28 +153,42 @@ def generate_answers(
     records: Sequence[dict[str, Any]],
     max_new_tokens: int = 16,
     batch_size: int = 16,
+    decode: GreedyDecode | None = None,
 ) -> list[str]:
     """Greedy answers to the prompts of alpaca or chat records (their answers are ignored).
 
     Prompts are the ids training put before each answer (`qlora.data.prompt.prompt_ids`),
-    left-padded so every row's last prompt token sits at the end, and
-    continued greedily until EOS or ``max_new_tokens``.
+    continued greedily until EOS or ``max_new_tokens`` by ``decode`` (all prompts in one
+    call), or without it by transformers' ``generate`` on batches of ``batch_size`` prompts,
+    left-padded so every row's last prompt token sits at the end.
 
     Returns:
         one decoded answer per record (special tokens removed, ends stripped).
     """
+    prompts = [prompt_ids(tokenizer, record_messages(r, _format_of(r))) for r in records]
+    if decode is not None:
+        new = decode(prompts, max_new_tokens, frozenset({eos_id(tokenizer)}))
+    else:
+        new = _generate_left_padded(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def _generate_left_padded(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    all_prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[list[int]]:
+    """The reference: ``generate`` on left-padded batches; each prompt's new ids."""
     pad, eos = pad_id_of(tokenizer), eos_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    answers: list[str] = []
+    new: list[list[int]] = []
     try:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            prompts = []
-            for record in chunk:
-                messages = record_messages(record, _format_of(record))
-                prompts.append(prompt_ids(tokenizer, messages))
+        for start in range(0, len(all_prompts), batch_size):
+            prompts = all_prompts[start : start + batch_size]
             width = max(len(p) for p in prompts)
             input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
             mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -182,11 +203,10 @@ def generate_answers(
                 pad_token_id=pad,
                 eos_token_id=eos,
             )  # [B, width + new]
-            for row in out[:, width:].tolist():
-                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            new.extend(out[:, width:].tolist())  # rows that stopped early end in pads
     finally:
         model.train(was_training)
-    return answers
+    return new
 
 
 @dataclass
@@ -206,11 +226,13 @@ def score(
     records: Sequence[dict[str, Any]],
     max_new_tokens: int = 16,
     batch_size: int = 16,
+    decode: GreedyDecode | None = None,
 ) -> TaskScore:
-    """Generate greedily for every record and score exact match against its answer."""
+    """Generate greedily for every record (`generate_answers`) and score exact match against
+    its answer."""
     if not records:
         raise ValueError("no records to score")
-    predictions = generate_answers(model, tokenizer, records, max_new_tokens, batch_size)
+    predictions = generate_answers(model, tokenizer, records, max_new_tokens, batch_size, decode)
     answers = [_answer(record) for record in records]
     correct = sum(exact_match(p, a) for p, a in zip(predictions, answers, strict=True))
     return TaskScore(correct / len(records), len(records), correct, predictions, answers)

@@ -76,6 +76,7 @@ LowRank = tuple[torch.Tensor, torch.Tensor, float]
 AdapterWeights = Mapping[str, LowRank]
 
 _ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+_RAW_PREPARED_KEPT = 8
 
 
 def batch_decode_unsupported(model: nn.Module) -> str | None:
@@ -291,6 +292,7 @@ class BatchDecoder:
         self._adapters: list[PreparedAdapter | None] = []
         self._groups: _Groups | None = None
         self._stack: tuple[tuple[int, ...], StackedAdapters] | None = None  # the last stacking
+        self._raw_prepared: dict[int, tuple[AdapterWeights, PreparedAdapter]] = {}
 
     @staticmethod
     def _block(model: nn.Module, index: int) -> _Block:
@@ -324,6 +326,17 @@ class BatchDecoder:
             ValueError: the adapter has a layer this decoder does not run.
         """
         return prepare_adapter(adapter, self._sites)
+
+    def _prepared_for(self, adapter: AdapterWeights) -> PreparedAdapter:
+        """`prepare` once per weights object (rows given the same raw weights then share one
+        adapter, and its low-rank matmuls); the last few are kept."""
+        key = id(adapter)
+        if key not in self._raw_prepared:
+            if len(self._raw_prepared) >= _RAW_PREPARED_KEPT:
+                self._raw_prepared.pop(next(iter(self._raw_prepared)))
+            # The weights are held too, so that their id is not reused while cached.
+            self._raw_prepared[key] = (adapter, self.prepare(adapter))
+        return self._raw_prepared[key][1]
 
     # -- rows ------------------------------------------------------------------------------
 
@@ -363,7 +376,7 @@ class BatchDecoder:
         if length == 0:
             raise ValueError("the prompt is empty")
         if adapter is not None and not isinstance(adapter, PreparedAdapter):
-            adapter = self.prepare(adapter)
+            adapter = self._prepared_for(adapter)
         self.cache.reserve(length)
         row = self.cache.add_row()
         self._adapters.append(adapter)
@@ -428,7 +441,10 @@ class BatchDecoder:
             everyone = len(self._adapters)
             self._groups = _Groups(
                 tuple(
-                    (adapter, None if len(rows) == everyone else torch.tensor(rows))
+                    (
+                        adapter,
+                        None if len(rows) == everyone else torch.tensor(rows, device=self._device),
+                    )
                     for adapter, rows in members.values()
                 )
             )
@@ -438,7 +454,9 @@ class BatchDecoder:
             self._stack = (key, stack_adapters([members[k][0] for k in key]))
         group_of = {adapter_id: group for group, adapter_id in enumerate(key)}
         layout = row_layout(
-            [None if a is None else group_of[id(a)] for a in self._adapters], len(key)
+            [None if a is None else group_of[id(a)] for a in self._adapters],
+            len(key),
+            self._device,
         )
         self._groups = _Groups(stacked=self._stack[1], layout=layout)
         return self._groups

@@ -180,7 +180,9 @@ class RowLayout:
     width: int
 
 
-def row_layout(adapter_of_row: Sequence[int | None], groups: int) -> RowLayout:
+def row_layout(
+    adapter_of_row: Sequence[int | None], groups: int, device: torch.device | None = None
+) -> RowLayout:
     """The grid for rows whose adapters are ``adapter_of_row`` (group index or None)."""
     members: list[list[int]] = [[] for _ in range(groups)]
     for row, group in enumerate(adapter_of_row):
@@ -194,7 +196,13 @@ def row_layout(adapter_of_row: Sequence[int | None], groups: int) -> RowLayout:
             slots.append(group * width + k)
             rows.append(row)
             targets[group * width + k] = row
-    return RowLayout(torch.tensor(slots), torch.tensor(rows), torch.tensor(targets), groups, width)
+    return RowLayout(
+        torch.tensor(slots, device=device),
+        torch.tensor(rows, device=device),
+        torch.tensor(targets, device=device),
+        groups,
+        width,
+    )
 
 
 def _stack_site(updates: Sequence[SiteUpdate | None]) -> StackedSite | None:

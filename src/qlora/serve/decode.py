@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora.generate import stop_ids
 from qlora.models.sampling import sample_next
 from qlora.nn import fast_decoding
 
@@ -27,18 +28,9 @@ __all__ = ["TextAssembler", "eos_ids", "sample_next", "token_stream"]
 
 
 def eos_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
-    """The ids that end a reply: the tokenizer's EOS (what training appended after every
-    reply) and the model's generation config's (what ``generate`` stops on)."""
-    ids: set[int] = set()
-    config = getattr(model, "generation_config", None)
-    configured = getattr(config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured is not None:
-        ids.update(int(i) for i in configured)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return frozenset(ids)
+    """The ids that end a reply: `qlora.generate.stop_ids` (the tokenizer's EOS and the
+    model's generation config's)."""
+    return stop_ids(model, tokenizer)
 
 
 def token_stream(
