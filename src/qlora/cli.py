@@ -232,11 +232,14 @@ def _serve(args: argparse.Namespace) -> int:
     for name, path in args.adapter:  # before the model loads: a typo costs no load time
         if not Path(path).is_dir():
             raise ValueError(f"--adapter {name}={path}: no such adapter directory")
+    import torch
+
     from qlora.models import load_model
     from qlora.models.batch_decode import batch_decode_unsupported
     from qlora.serve import BatchingEngine, SequentialEngine
     from qlora.serve.app import run_server
 
+    torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, quant=_none(args.quant))
     unsupported = batch_decode_unsupported(model)
     if unsupported is None:
@@ -303,6 +306,12 @@ def _add_serve(commands: Any) -> None:
         type=_positive_int,
         default=DEFAULT_MAX_BATCH,
         help="most requests decoded together, any mix of adapters (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=max(1, (os.cpu_count() or 1) - 1),
+        help="compute threads (default: every core but one, left to the HTTP layer: %(default)s)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,11 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Replaces the blocking server with a recorder of what it was given."""
+def captured(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """Replaces the blocking server with a recorder of what it was given (and gives torch its
+    thread count back: `qlora serve` sets it for the process)."""
+    import torch
+
     import qlora.serve.app
 
     seen: dict[str, Any] = {}
@@ -35,7 +39,9 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         engine.close()
 
     monkeypatch.setattr(qlora.serve.app, "run_server", fake_run)
-    return seen
+    threads = torch.get_num_threads()
+    yield seen
+    torch.set_num_threads(threads)
 
 
 def test_defaults_bind_localhost() -> None:
@@ -66,9 +72,17 @@ def test_serve_wires_model_adapters_and_key(
     assert isinstance(captured["engine"], BatchingEngine) and captured["engine"].max_batch == 8
 
 
-def test_max_batch_reaches_the_engine(tiny_dir: Path, captured: dict[str, Any]) -> None:
-    assert cli.main(["serve", "--model", str(tiny_dir), "--max-batch", "3"]) == 0
+def test_max_batch_and_threads_reach_the_engine(
+    tiny_dir: Path, captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    threads: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    argv = ["serve", "--model", str(tiny_dir), "--max-batch", "3", "--threads", "1"]
+    assert cli.main(argv) == 0
     assert captured["engine"].max_batch == 3
+    assert threads == [1]
 
 
 def test_an_architecture_without_batching_is_served_one_at_a_time(
