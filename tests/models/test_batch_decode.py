@@ -11,6 +11,7 @@ from qlora.config import LoraConfig
 from qlora.models.batch_decode import BatchDecoder, adapter_weights, batch_decode_unsupported
 from qlora.nn import add_lora, lora_layers, set_adapter
 from qlora.nn.lora import merge_adapter
+from tests.conftest import requires_cuda
 from tests.tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -198,3 +199,22 @@ def test_bf16_model_runs() -> None:
     logits = decoder.step([token, 1])
     assert logits.shape == (2, VOCAB) and torch.isfinite(logits).all()
     _close(logits[0], _last_logits(model, [*ids, token]), 0.05)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_mixed_adapters_on_cuda_equal_the_lora_forward() -> None:
+    """On a CUDA model (index tensors on its device; the CPU kernels stay out of the way)."""
+    model = _two_adapters(tiny_llama(seed=0, max_position_embeddings=128)).cuda()
+    weights = {name: adapter_weights(model, name) for name in ("a", "b")}
+    rows = [(None, _ids(5, 1)), ("a", _ids(7, 2)), ("b", _ids(3, 3))]
+    batch = BatchDecoder(model, max_batch=3)
+    for name, ids in rows:
+        batch.prefill(ids, None if name is None else weights[name])
+    tokens = [1, 2, 3]
+    logits = batch.step(tokens)
+    for (name, ids), row, token in zip(rows, logits, tokens, strict=True):
+        set_adapter(model, name if name is not None else [])
+        with torch.no_grad():
+            expected = model(torch.tensor([[*ids, token]], device="cuda")).logits[0, -1]
+        _close(row.cpu(), expected.float().cpu(), 1e-4)
