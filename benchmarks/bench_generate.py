@@ -68,6 +68,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chat_workload import LORA_B_STD, LORA_R, QUESTIONS, SYSTEM
+
 MODEL = "smollm2-135m"
 ARMS = (
     "ours-nf4",
@@ -82,18 +84,6 @@ ARMS = (
     "llamacpp-q4_1",
 )
 EXTRA_ARMS = ("ours-gguf", "ours-gguf-lora")
-SYSTEM = "You are a concise assistant."
-QUESTIONS = (
-    "Give three tips for keeping a small vegetable garden healthy.",
-    "Explain what a hash table is and when to use one.",
-    "Write a short poem about the sea at night.",
-    "What is the difference between weather and climate?",
-    "How do I make a simple tomato sauce for pasta?",
-    "Summarize the plot of a classic detective story.",
-    "Why is the sky blue during the day and red at sunset?",
-    "List four ways to save energy at home.",
-)
-LORA_R, LORA_B_STD = 16, 0.01
 PROFILE_TOKENS = 16
 
 
