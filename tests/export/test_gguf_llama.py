@@ -25,6 +25,7 @@ from qlora.export import export_gguf  # noqa: E402
 from qlora.models import load_model  # noqa: E402
 from qlora.nn import add_lora  # noqa: E402
 from qlora.resources import __file__ as _resources  # noqa: E402
+from tests.tiny_models import tiny_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.llama
 
@@ -186,22 +187,6 @@ def _their_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def _tiny(arch: str, vocab: int, **extra: Any) -> Any:
-    import transformers
-
-    config = getattr(transformers, f"{arch}Config")(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        **extra,
-    )
-    torch.manual_seed(0)
-    return getattr(transformers, f"{arch}ForCausalLM")(config).eval()
-
-
 @pytest.mark.parametrize(
     ("arch", "extra"),
     [
@@ -229,7 +214,7 @@ def test_tiny_architectures_logits_match(tmp_path: Path, arch: str, extra: dict)
     from tests.export.conftest import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    model = _tiny(arch, len(tok), **extra)
+    model = tiny_causal_lm(arch, vocab=len(tok), **extra)
     if arch == "Qwen2":
         with torch.no_grad():  # random biases: transformers initializes them to zero
             for layer in model.model.layers:
@@ -248,7 +233,7 @@ def test_sentencepiece_style_tokenizer_matches(tmp_path: Path) -> None:
     from tests.export.conftest import tiny_spm_tokenizer
 
     tok = tiny_spm_tokenizer()
-    model = _tiny("Llama", len(tok))
+    model = tiny_causal_lm("Llama", vocab=len(tok))
     path = export_gguf(model, tmp_path / "spm.gguf", tok, type="f32", progress=False)
     llm = _llama(path)
     assert llm.metadata["tokenizer.ggml.model"] == "llama"

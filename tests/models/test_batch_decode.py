@@ -12,7 +12,7 @@ from qlora.models.batch_decode import BatchDecoder, adapter_weights, batch_decod
 from qlora.nn import add_lora, lora_layers, set_adapter
 from qlora.nn.lora import merge_adapter
 from tests.conftest import requires_cuda
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import tiny_causal_lm, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,23 +20,8 @@ VOCAB = 128
 TOL = 1e-5
 
 
-def tiny_qwen2(seed: int = 0, **config: object) -> nn.Module:
-    """A 2-layer random ``Qwen2ForCausalLM`` (4 heads, 2 KV heads; q/k/v with biases)."""
-    qwen_config = transformers.Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        **config,
-    )
-    torch.manual_seed(seed)
-    return transformers.Qwen2ForCausalLM(qwen_config).eval()
-
-
 def _models() -> dict[str, nn.Module]:
-    return {"llama-gqa": tiny_llama(seed=0), "qwen2-bias": tiny_qwen2(seed=0)}
+    return {"llama-gqa": tiny_llama(seed=0), "qwen2-bias": tiny_causal_lm("Qwen2", vocab=VOCAB)}
 
 
 @pytest.fixture(params=["llama-gqa", "qwen2-bias"])
