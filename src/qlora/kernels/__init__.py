@@ -8,6 +8,8 @@ optim ask it for their kernels instead of importing the extensions themselves.
 * ``_gguf`` (``gguf.c``): GGUF block dequantize (llama.cpp's Q4_0 ... Q6_K layouts).
 * ``_matvec`` (``matvec.c``): fused dequantize + few-row matmul for decoding (AVX-512 / AVX2 /
   scalar, chosen at run time).
+* ``_decode`` (``decode.c``): what runs between a decode step's projections (RMSNorm with the
+  residual add, rotary + KV-cache write + attention, SwiGLU).
 * ``triton_dequant.py`` / ``triton_matmul.py``: the CUDA kernels (Triton).
 
 Every kernel has a PyTorch reference it is tested against bit for bit, and the reference runs
@@ -32,6 +34,7 @@ C_EXTENSIONS = {
     "ops": "counter-based dropout",
     "gguf": "GGUF block dequantize (Q4_0 ... Q6_K), bit-identical to the gguf package",
     "matvec": "fused dequantize + skinny matmul for decoding (few rows)",
+    "decode": "a decode step's per-layer glue: RMSNorm, rotary + KV write + attention, SwiGLU",
 }
 
 

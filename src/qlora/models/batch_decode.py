@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora.kernels import c_extension
+from qlora.models.decode_glue import DecodeGlue
 from qlora.models.kv_slots import SlotKVCache
 from qlora.models.lora_rows import (
     PreparedAdapter,
@@ -51,6 +53,7 @@ from qlora.models.lora_rows import (
     add_stacked_update,
     prepare_adapter,
     row_layout,
+    site_table,
     stack_adapters,
 )
 from qlora.nn import fast_decoding
@@ -77,6 +80,8 @@ AdapterWeights = Mapping[str, LowRank]
 
 _ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _RAW_PREPARED_KEPT = 8
+# Activation modules that are F.silu (torch's, transformers' ACT2FN["silu"]): the C glue's SwiGLU.
+_SILU_MODULES = ("SiLU", "SiLUActivation")
 
 
 def batch_decode_unsupported(model: nn.Module) -> str | None:
@@ -249,12 +254,16 @@ class BatchDecoder:
             `qlora.load_model` or transformers; its LoRALinear layers' *base* is used, their
             adapters only when passed to `prefill` as `AdapterWeights`.
         max_batch: most rows at once.
+        c_glue: run a step's per-layer glue (norms, attention, SwiGLU) in C
+            (`qlora.models.decode_glue`) where it applies: a float32 model on the CPU with
+            plain RMSNorms and SiLU, the ``_decode`` extension built and kernels not disabled.
+            False: the torch ops (the reference it is tested against).
 
     Raises:
         ValueError: an unsupported model, or adapters merged into its weights.
     """
 
-    def __init__(self, model: nn.Module, max_batch: int = 8) -> None:
+    def __init__(self, model: nn.Module, max_batch: int = 8, c_glue: bool = True) -> None:
         reason = batch_decode_unsupported(model)
         if reason is not None:
             raise ValueError(f"the batch decoder cannot run this model: {reason}")
@@ -291,8 +300,29 @@ class BatchDecoder:
         )
         self._adapters: list[PreparedAdapter | None] = []
         self._groups: _Groups | None = None
+        self._table: tuple[torch.Tensor | None] | None = None  # site_table, until rows change
         self._stack: tuple[tuple[int, ...], StackedAdapters] | None = None  # the last stacking
         self._raw_prepared: dict[int, tuple[AdapterWeights, PreparedAdapter]] = {}
+        self._c_glue = c_glue and self._glue_applies()
+
+    def _glue_applies(self) -> bool:
+        """Whether the C glue computes what the torch path does for this model."""
+        norms = [self._norm] + [
+            n for b in self._blocks for n in (b.input_norm, b.post_attention_norm)
+        ]
+        return (
+            self._device.type == "cpu"
+            and self._dtype == torch.float32
+            and all(norm.fused for norm in norms)
+            and all(type(block.act).__name__ in _SILU_MODULES for block in self._blocks)
+            and self._head_dim % 2 == 0
+            and self._head_dim <= 512
+        )
+
+    @property
+    def c_glue(self) -> bool:
+        """Whether the next `step` runs its glue in C (see the ``c_glue`` argument)."""
+        return self._c_glue and c_extension("decode") is not None
 
     @staticmethod
     def _block(model: nn.Module, index: int) -> _Block:
@@ -356,6 +386,7 @@ class BatchDecoder:
         if row < len(self._adapters):
             self._adapters[row] = last
         self._groups = None
+        self._table = None
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -381,6 +412,7 @@ class BatchDecoder:
         row = self.cache.add_row()
         self._adapters.append(adapter)
         self._groups = None
+        self._table = None
         try:
             ids = torch.tensor(prompt, dtype=torch.long, device=self._device)  # [T]
             positions = torch.arange(length, device=self._device)[None]  # [1, T]
@@ -412,21 +444,93 @@ class BatchDecoder:
         longest = int(positions.max()) + 1
         self.cache.reserve(longest)
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self._device)  # [n]
-        columns = torch.arange(longest, device=self._device)  # [L]
-        # Each row sees its own columns: [n, 1, 1, L]; None when all rows are as long.
+        glue = DecodeGlue.create() if self._c_glue else None
+        # Each row sees its own columns: [n, 1, 1, L]; None when all rows are as long (the C
+        # glue reads each row's length instead).
         mask = None
-        if int(positions.min()) + 1 != longest:
+        if glue is None and int(positions.min()) + 1 != longest:
+            columns = torch.arange(longest, device=self._device)  # [L]
             mask = (columns[None] <= positions[:, None])[:, None, None]
         with fast_decoding():
             hidden = self._embed(ids)  # [n, H]
             cos, sin = self._rotary(hidden[:, None], positions[:, None])  # [n, 1, D] each
-            cos, sin = cos[:, None], _signed_sin(sin[:, None])  # [n, 1, 1, D]
-            groups = self._step_groups()
-            for index, block in enumerate(self._blocks):
-                hidden = self._layer(index, block, hidden, groups, cos, sin, positions, mask)
-            logits = self._logits(hidden, groups)  # [n, V]
+            if glue is not None:
+                logits = self._glue_step(glue, hidden, cos, sin, positions)
+            else:
+                groups = self._step_groups()
+                cos, sin = cos[:, None], _signed_sin(sin[:, None])  # [n, 1, 1, D]
+                for index, block in enumerate(self._blocks):
+                    hidden = self._layer(index, block, hidden, groups, cos, sin, positions, mask)
+                logits = self._logits(hidden, groups)  # [n, V]
         self.cache.lengths[:rows] += 1
         return logits
+
+    def _glue_step(
+        self,
+        glue: DecodeGlue,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """`step`'s layers with the glue in C: the same math as `_layer`, whose residual adds
+        are deferred into the next norm (hidden += the last layer's down projection), and
+        the adapters' updates by ``lora_rows`` (the torch updates for adapters it cannot
+        read: not float32 CPU tensors)."""
+        rows = hidden.shape[0]
+        cos = cos.reshape(rows, -1).contiguous()  # [n, D]
+        sin = sin.reshape(rows, -1).contiguous()
+        pending: torch.Tensor | None = None  # the last layer's output, not yet in hidden
+        if self._table is None:
+            self._table = (site_table(self._adapters, len(self._sites)),)
+        table = self._table[0]
+        if table is None and any(adapter is not None for adapter in self._adapters):
+            table_or_groups: torch.Tensor | _Groups = self._step_groups()
+        else:
+            table_or_groups = table if table is not None else _Groups()
+
+        def adapt(site: int, outputs: tuple[torch.Tensor, ...], x: torch.Tensor) -> None:
+            if isinstance(table_or_groups, torch.Tensor):
+                glue.lora_rows(x, table_or_groups, site, outputs)
+            elif table_or_groups.per_adapter or table_or_groups.stacked is not None:
+                self._adapt(site, outputs, x, table_or_groups)
+
+        for index, block in enumerate(self._blocks):
+            site = index * len(_LAYER_SITES)
+            x = glue.add_rms_norm(
+                hidden, pending, block.input_norm.module.weight, block.input_norm.eps
+            )
+            queries, keys, values = block.q(x), block.k(x), block.v(x)  # [n, h·D] each
+            adapt(site, (queries, keys, values), x)
+            if block.q_norm is not None and block.k_norm is not None:
+                shape = (rows, -1, self._head_dim)
+                queries = block.q_norm(queries.view(shape)).reshape(rows, -1).contiguous()
+                keys = block.k_norm(keys.view(shape)).reshape(rows, -1).contiguous()
+            attended = glue.attend(
+                queries,
+                keys,
+                values,
+                self.cache.keys[index],
+                self.cache.values[index],
+                positions,
+                cos,
+                sin,
+                self._scale,
+            )  # [n, heads·D]
+            out = block.o(attended)  # [n, H]
+            adapt(site + 1, (out,), attended)
+            x = glue.add_rms_norm(
+                hidden, out, block.post_attention_norm.module.weight, block.post_attention_norm.eps
+            )
+            gate, up = block.gate(x), block.up(x)  # [n, I] each
+            adapt(site + 2, (gate, up), x)
+            gated = glue.swiglu(gate, up)
+            pending = block.down(gated)  # [n, H]
+            adapt(site + 3, (pending,), gated)
+        x = glue.add_rms_norm(hidden, pending, self._norm.module.weight, self._norm.eps)
+        logits = self._head(x)  # [n, V]
+        adapt(len(self._sites) - 1, (logits,), x)
+        return logits.float()
 
     def _step_groups(self) -> _Groups:
         """Rows grouped by adapter (by identity), cached until the rows change."""

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "MAX_DESCRIBED_RANK",
     "PreparedAdapter",
     "RowLayout",
     "SiteUpdate",
@@ -47,6 +48,7 @@ __all__ = [
     "add_stacked_update",
     "prepare_adapter",
     "row_layout",
+    "site_table",
     "stack_adapters",
 ]
 
@@ -62,10 +64,16 @@ class SiteUpdate:
         a: [Σr, in] the scaled A of every projection of the site the adapter has, stacked.
         parts: per projection of the site: (first, last) columns of x·aᵀ that are its rank,
             and its B [out, r]; None where the adapter leaves the projection alone.
+        descriptor: the same for the C glue's ``lora_rows`` (`qlora.models.decode_glue`):
+            int64 [15], a's address, Σr, in, then per projection (up to 3) the address of
+            Bᵀ [r, out] (0: none), first, last, out; None unless float32 on the CPU.
+        transposed: the Bᵀ the descriptor points to (kept alive with it).
     """
 
     a: torch.Tensor
     parts: tuple[tuple[int, int, torch.Tensor] | None, ...]
+    descriptor: torch.Tensor | None = None
+    transposed: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,54 @@ def _site_update(members: Sequence[_LowRank | None]) -> SiteUpdate | None:
         rank = member[0].shape[0]
         parts.append((start, start + rank, member[1]))
         start += rank
-    return SiteUpdate(a, tuple(parts))
+    return _with_descriptor(SiteUpdate(a, tuple(parts)))
+
+
+_DESCRIBED_PARTS = 3  # projections per site a descriptor has room for (q, k, v)
+MAX_DESCRIBED_RANK = 1024  # the most ranks of a site the C glue takes (decode.c: MAX_SITE_RANK)
+
+
+def _with_descriptor(update: SiteUpdate) -> SiteUpdate:
+    """``update`` with its C descriptor (see `SiteUpdate`), when the C glue can read it."""
+    a = update.a
+    on_cpu = a.device.type == "cpu" and a.dtype == torch.float32
+    if not on_cpu or len(update.parts) > _DESCRIBED_PARTS or a.shape[0] > MAX_DESCRIBED_RANK:
+        return update
+    if any(p is not None and p[2].dtype != torch.float32 for p in update.parts):
+        return update
+    a = a.contiguous()
+    fields = [a.data_ptr(), a.shape[0], a.shape[1]]
+    transposed = []
+    for part in update.parts:
+        if part is None:
+            fields += [0, 0, 0, 0]
+            continue
+        first, last, weight_b = part
+        bt = weight_b.t().contiguous()  # [r, out]
+        transposed.append(bt)
+        fields += [bt.data_ptr(), first, last, bt.shape[1]]
+    fields += [0, 0, 0, 0] * (_DESCRIBED_PARTS - len(update.parts))
+    descriptor = torch.tensor(fields, dtype=torch.int64)
+    return SiteUpdate(a, update.parts, descriptor, tuple(transposed))
+
+
+def site_table(adapters: Sequence[PreparedAdapter | None], sites: int) -> torch.Tensor | None:
+    """[sites, n] int64: for each site and row, the address of the row's adapter's
+    descriptor of that site (0: no update), for the C glue's ``lora_rows``. None when no row
+    has an adapter or one of their updates has no descriptor (the torch path then runs)."""
+    if all(adapter is None for adapter in adapters):
+        return None
+    table = torch.zeros(sites, len(adapters), dtype=torch.int64)
+    for row, adapter in enumerate(adapters):
+        if adapter is None:
+            continue
+        for site, update in enumerate(adapter.sites):
+            if update is None:
+                continue
+            if update.descriptor is None:
+                return None
+            table[site, row] = update.descriptor.data_ptr()
+    return table
 
 
 def prepare_adapter(

@@ -1,0 +1,432 @@
+/*
+ * The per-layer glue of one decode step, in C: what runs between a layer's projections.
+ *
+ * A decode step of a small model is mostly small operations: on the default model (30 layers,
+ * hidden 576, 9 query / 3 key-value heads of 64) the projections' fused k-bit kernel takes
+ * ~15 ms per token on one core and the ~40 torch operations around them per layer (RMSNorm
+ * as pow/mean/rsqrt/mul, rotary as flip/cat/mul/add, two index_put's into the KV cache, a
+ * mask, scaled_dot_product_attention, SiLU, residual adds) another ~10 ms, each a few
+ * microseconds of dispatch around a few hundred flops, and none of it parallel. Here they
+ * are three calls per layer:
+ *
+ * - add_rms_norm: hidden += delta (the residual add; skipped when delta is 0), then
+ *   y = weight * (hidden * rsqrt(mean(hidden^2) + eps)): transformers' RMSNorm in float32,
+ *   its products in its order; the mean is summed in double (torch sums float32 in its own
+ *   vector order: the two agree to float32 rounding).
+ * - attend: for every row r (one new token each, at position p = lengths[r]): rotary on its
+ *   query and key heads (x*cos + rotate_half(x)*sin: the same two products and one add per
+ *   element as transformers, in that order, no FMA contraction), the key and value written
+ *   to the cache at column p, then each query head attends over the columns 0..p of its
+ *   key-value head (grouped-query: heads / kv_heads query heads share one): scores
+ *   q.k * scale, a softmax (max subtracted, exp, sum in float32), the values' weighted sum.
+ *   Every row sees only its own columns, so no mask is built.
+ * - swiglu: gate = silu(gate) * up in place, silu(x) = x / (1 + exp(-x)) as torch's.
+ * - lora_rows: each row's own adapter's update of a site (the projections sharing an input):
+ *   h = A_cat x (the site's scaled A's stacked), out_j += B_j h[part j], row by row. A row's
+ *   update is computed the same way whatever else is in the batch (bit-identical batched and
+ *   alone), G adapters cost G reads of their weights and no gather, and B is read as B^T
+ *   [r, out] so that the inner loop runs along contiguous outputs.
+ *
+ * The reference is the torch path of qlora/models/batch_decode.py (BatchDecoder with
+ * c_glue=False); tests/models/test_decode_glue.py compares the two ops by op and step by
+ * step (logits to float32 rounding of the summation order; greedy tokens equal). The hot
+ * loops are compiled for AVX-512, AVX2 and plain x86-64 (GCC target_clones: the loader picks
+ * one for this CPU). Only integers cross the boundary: pointers from Tensor.data_ptr(),
+ * checked by the Python side (qlora/models/decode_glue.py: dtypes, shapes, contiguity).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HOT __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define HOT
+#endif
+
+/* Below this many multiply-adds of attention one thread beats waking the pool. */
+#define ATTEND_PARALLEL_MIN 65536
+/* Columns scored at a time (an online softmax across chunks; one chunk up to this many). */
+#define SCORE_CHUNK 512
+#define MAX_HEAD_DIM 512
+
+/* exp(x) in float32 within ~1 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-7
+ * polynomial for exp(r), times 2^n by the exponent bits), written so that a loop of it
+ * vectorizes (glibc's expf is a call per element: at 12k SiLUs per token that alone cost
+ * more than the rest of this file). Inputs are clamped to [-87.3, 88.7]: exp of anything
+ * below is ~1e-38 instead of 0, which no sum here can tell apart. */
+static inline float exp_approx(float x) {
+    x = x > 88.7f ? 88.7f : (x < -87.3f ? -87.3f : x);
+    const float shifted = x * 1.44269504088896341f + 12582912.0f; /* round(x / ln 2) + 1.5*2^23 */
+    const float n = shifted - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    const float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    union { float f; int32_t i; } scale;
+    scale.i = ((int32_t)n + 127) << 23;
+    return p * scale.f;
+}
+
+static inline float dot(const float *a, const float *b, int64_t d) {
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < d; i++) total += a[i] * b[i];
+    return total;
+}
+
+HOT static void add_rms_norm(float *hidden, const float *delta, const float *weight, float *y,
+                             int64_t n, int64_t h, float eps) {
+    for (int64_t row = 0; row < n; row++) {
+        float *x = hidden + row * h;
+        if (delta != NULL) {
+            const float *dx = delta + row * h;
+#pragma omp simd
+            for (int64_t i = 0; i < h; i++) x[i] = x[i] + dx[i];
+        }
+        double squares = 0.0;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < h; i++) squares += (double)x[i] * (double)x[i];
+        const float mean = (float)(squares / (double)h);
+        const float r = 1.0f / sqrtf(mean + eps);
+        float *out = y + row * h;
+#pragma omp simd
+        for (int64_t i = 0; i < h; i++) {
+            const float normed = x[i] * r;
+            out[i] = weight[i] * normed;
+        }
+    }
+}
+
+/* x[d] <- x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]; products rounded first. */
+HOT static void rope(float *x, const float *cos, const float *sin, int64_t d) {
+    const int64_t half = d / 2;
+    float rotated[MAX_HEAD_DIM];
+    for (int64_t i = 0; i < half; i++) rotated[i] = -x[i + half];
+    for (int64_t i = half; i < d; i++) rotated[i] = x[i - half];
+#pragma omp simd
+    for (int64_t i = 0; i < d; i++) {
+        const float a = x[i] * cos[i];
+        const float b = rotated[i] * sin[i];
+        x[i] = a + b;
+    }
+}
+
+/* out[d] = softmax(scale * q.K[0..columns)) . V[0..columns): an online softmax over chunks
+ * of SCORE_CHUNK columns (one chunk for every context up to that: the plain softmax). */
+HOT static void attend_head(const float *q, const float *keys, const float *values,
+                            int64_t columns, int64_t d, float scale, float *out) {
+    float scores[SCORE_CHUNK];
+    float running_max = -INFINITY, running_sum = 0.0f;
+    for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
+    for (int64_t start = 0; start < columns; start += SCORE_CHUNK) {
+        const int64_t count = columns - start < SCORE_CHUNK ? columns - start : SCORE_CHUNK;
+        float chunk_max = -INFINITY;
+        for (int64_t j = 0; j < count; j++) {
+            scores[j] = dot(q, keys + (start + j) * d, d) * scale;
+            chunk_max = scores[j] > chunk_max ? scores[j] : chunk_max;
+        }
+        const float new_max = chunk_max > running_max ? chunk_max : running_max;
+        if (running_max != -INFINITY && new_max != running_max) {
+            const float shrink = exp_approx(running_max - new_max);
+            running_sum *= shrink;
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) out[i] *= shrink;
+        }
+        running_max = new_max;
+        float chunk_sum = 0.0f;
+#pragma omp simd reduction(+ : chunk_sum)
+        for (int64_t j = 0; j < count; j++) {
+            scores[j] = exp_approx(scores[j] - new_max);
+            chunk_sum += scores[j];
+        }
+        running_sum += chunk_sum;
+        for (int64_t j = 0; j < count; j++) {
+            const float p = scores[j];
+            const float *v = values + (start + j) * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) out[i] += p * v[i];
+        }
+    }
+    const float inverse = 1.0f / running_sum;
+#pragma omp simd
+    for (int64_t i = 0; i < d; i++) out[i] *= inverse;
+}
+
+typedef struct {
+    float *q, *k, *v;               /* [n, heads, d], [n, kv_heads, d] x 2 (rotary in place) */
+    float *key_cache, *value_cache; /* [slots, kv_heads, capacity, d] */
+    const int64_t *lengths;         /* [n]: the new token's column in each row */
+    const float *cos, *sin;         /* [n, d] */
+    float *out;                     /* [n, heads, d] */
+    int64_t n, heads, kv_heads, d, capacity;
+    float scale;
+} Attention;
+
+static void attend(const Attention *a, int nthreads) {
+    const int64_t d = a->d, group = a->heads / a->kv_heads;
+    int64_t work = 0;
+    for (int64_t r = 0; r < a->n; r++) {
+        const int64_t p = a->lengths[r];
+        const float *cos = a->cos + r * d, *sin = a->sin + r * d;
+        for (int64_t h = 0; h < a->heads; h++) rope(a->q + (r * a->heads + h) * d, cos, sin, d);
+        for (int64_t g = 0; g < a->kv_heads; g++) {
+            float *k = a->k + (r * a->kv_heads + g) * d;
+            const float *v = a->v + (r * a->kv_heads + g) * d;
+            rope(k, cos, sin, d);
+            const int64_t at = ((r * a->kv_heads + g) * a->capacity + p) * d;
+            for (int64_t i = 0; i < d; i++) {
+                a->key_cache[at + i] = k[i];
+                a->value_cache[at + i] = v[i];
+            }
+        }
+        work += (p + 1) * a->heads * d;
+    }
+    if (work < ATTEND_PARALLEL_MIN) nthreads = 1;
+    const int64_t tasks = a->n * a->heads;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t r = t / a->heads, h = t % a->heads, g = h / group;
+        const int64_t base = (r * a->kv_heads + g) * a->capacity * d;
+        attend_head(a->q + t * d, a->key_cache + base, a->value_cache + base, a->lengths[r] + 1,
+                    d, a->scale, a->out + t * d);
+    }
+}
+
+HOT static void swiglu(float *gate, const float *up, int64_t count) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; i++) {
+        const float x = gate[i];
+        const float silu = x / (1.0f + exp_approx(-x));
+        gate[i] = silu * up[i];
+    }
+}
+
+/* A site's low-rank update for one adapter, as lora_rows.SiteUpdate.descriptor lays it out
+ * (int64): a [rank, in] (scaled), rank, in, then per projection j < 3: bt_j [r_j, out_j]
+ * (B transposed; 0: the adapter leaves projection j alone), first and last of its ranks
+ * within a's rows, out_j. */
+enum { DESC_A, DESC_RANK, DESC_IN, DESC_PARTS, DESC_PART_SIZE = 4, DESC_LENGTH = 15 };
+#define MAX_SITE_RANK 1024 /* lora_rows.MAX_DESCRIBED_RANK */
+#define LORA_CHUNK 256
+/* Below this many multiply-adds of low-rank updates one thread beats waking the pool. */
+#define LORA_PARALLEL_MIN 262144
+
+/* Rows that share an adapter are updated together, up to this many at a time: the adapter's
+ * weights are read once for all of them (each row's arithmetic is the same as alone). */
+#define LORA_GROUP 8
+
+/* out_i[out_width] += bt[r, out_width]^T h_i[r] for the m rows of a group, LORA_CHUNK outputs
+ * at a time: each row of bt is loaded once for all m rows. */
+HOT static void add_low_rank(float *const *outs, const float (*h)[MAX_SITE_RANK], int m,
+                             int64_t first, const float *bt, int64_t r, int64_t out_width) {
+    float delta[LORA_GROUP][LORA_CHUNK];
+    for (int64_t c0 = 0; c0 < out_width; c0 += LORA_CHUNK) {
+        const int64_t width = out_width - c0 < LORA_CHUNK ? out_width - c0 : LORA_CHUNK;
+        for (int i = 0; i < m; i++)
+            for (int64_t c = 0; c < width; c++) delta[i][c] = 0.0f;
+        for (int64_t k = 0; k < r; k++) {
+            const float *row = bt + k * out_width + c0;
+            for (int i = 0; i < m; i++) {
+                const float hk = h[i][first + k];
+                float *d = delta[i];
+#pragma omp simd
+                for (int64_t c = 0; c < width; c++) d[c] += hk * row[c];
+            }
+        }
+        for (int i = 0; i < m; i++) {
+            float *out = outs[i] + c0;
+            const float *d = delta[i];
+#pragma omp simd
+            for (int64_t c = 0; c < width; c++) out[c] = out[c] + d[c];
+        }
+    }
+}
+
+/* The update of `m` rows (indices rows[0..m)) that share the descriptor `desc`. */
+HOT static void low_rank_rows(const float *x, const int64_t *desc, float *const *outs,
+                              const int64_t *widths, const int64_t *rows, int m) {
+    const float *a = (const float *)desc[DESC_A];
+    const int64_t rank = desc[DESC_RANK], in = desc[DESC_IN];
+    float h[LORA_GROUP][MAX_SITE_RANK]; /* 32 KiB of stack */
+    for (int64_t k = 0; k < rank; k++) {
+        const float *ak = a + k * in;
+        for (int i = 0; i < m; i++) h[i][k] = dot(ak, x + rows[i] * in, in);
+    }
+    for (int j = 0; j < 3; j++) {
+        const int64_t *part = desc + DESC_PARTS + j * DESC_PART_SIZE;
+        if (part[0] == 0) continue;
+        float *row_outs[LORA_GROUP];
+        for (int i = 0; i < m; i++) row_outs[i] = outs[j] + rows[i] * widths[j];
+        add_low_rank(row_outs, (const float(*)[MAX_SITE_RANK])h, m, part[1],
+                     (const float *)part[0], part[2] - part[1], widths[j]);
+    }
+}
+
+static PyObject *py_add_rms_norm(PyObject *self, PyObject *args) {
+    unsigned long long hidden, delta, weight, y;
+    long long n, h;
+    float eps;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKKLLf", &hidden, &delta, &weight, &y, &n, &h, &eps))
+        return NULL;
+    if (n < 0 || h <= 0) {
+        PyErr_SetString(PyExc_ValueError, "add_rms_norm needs n >= 0 and h > 0");
+        return NULL;
+    }
+    add_rms_norm((float *)hidden, (const float *)delta, (const float *)weight, (float *)y, n, h,
+                 eps);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, key_cache, value_cache, lengths, cos, sin, out;
+    long long n, heads, kv_heads, d, capacity;
+    float scale;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKKKKKKKLLLLLfi", &q, &k, &v, &key_cache, &value_cache,
+                          &lengths, &cos, &sin, &out, &n, &heads, &kv_heads, &d, &capacity,
+                          &scale, &nthreads))
+        return NULL;
+    if (n < 0 || heads <= 0 || kv_heads <= 0 || heads % kv_heads || d <= 0 || d % 2 ||
+        d > MAX_HEAD_DIM || capacity <= 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "attend needs heads a multiple of kv_heads and an even head dim <= 512");
+        return NULL;
+    }
+    const int64_t *len = (const int64_t *)lengths;
+    for (long long r = 0; r < n; r++) {
+        if (len[r] < 0 || len[r] >= capacity) {
+            PyErr_Format(PyExc_ValueError, "attend: row %lld's column %lld is outside the "
+                         "cache's %lld columns", r, (long long)len[r], capacity);
+            return NULL;
+        }
+    }
+    const Attention a = {(float *)q, (float *)k, (float *)v, (float *)key_cache,
+                         (float *)value_cache, len, (const float *)cos, (const float *)sin,
+                         (float *)out, n, heads, kv_heads, d, capacity, scale};
+    Py_BEGIN_ALLOW_THREADS;
+    attend(&a, nthreads < 1 ? 1 : nthreads);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_swiglu(PyObject *self, PyObject *args) {
+    unsigned long long gate, up;
+    long long count;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKL", &gate, &up, &count)) return NULL;
+    if (count < 0) {
+        PyErr_SetString(PyExc_ValueError, "swiglu needs count >= 0");
+        return NULL;
+    }
+    swiglu((float *)gate, (const float *)up, count);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_lora_rows(PyObject *self, PyObject *args) {
+    unsigned long long x, table, out0, out1, out2;
+    long long n, in, width0, width1, width2;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KLLKKKKLLLi", &x, &n, &in, &table, &out0, &out1, &out2,
+                          &width0, &width1, &width2, &nthreads))
+        return NULL;
+    float *outs[3] = {(float *)out0, (float *)out1, (float *)out2};
+    const long long widths[3] = {width0, width1, width2};
+    const int64_t *const *descs = (const int64_t *const *)table;
+    long long work = 0;
+    for (long long r = 0; r < n; r++) {
+        const int64_t *desc = descs[r];
+        if (desc == NULL) continue;
+        if (desc[DESC_IN] != in || desc[DESC_RANK] < 0 || desc[DESC_RANK] > MAX_SITE_RANK) {
+            PyErr_Format(PyExc_ValueError, "lora_rows: row %lld's update reads %lld features "
+                         "at rank %lld; the site has %lld (ranks up to %d)", r,
+                         (long long)desc[DESC_IN], (long long)desc[DESC_RANK], in,
+                         MAX_SITE_RANK);
+            return NULL;
+        }
+        work += desc[DESC_RANK] * in;
+        for (int j = 0; j < 3; j++) {
+            const int64_t *part = desc + DESC_PARTS + j * DESC_PART_SIZE;
+            if (part[0] == 0) continue;
+            if (outs[j] == NULL || part[3] != widths[j] || part[1] < 0 || part[1] > part[2] ||
+                part[2] > desc[DESC_RANK]) {
+                PyErr_Format(PyExc_ValueError, "lora_rows: row %lld's projection %d update "
+                             "(%lld outputs, ranks %lld..%lld) does not fit the site's output "
+                             "of %lld", r, j, (long long)part[3], (long long)part[1],
+                             (long long)part[2], widths[j]);
+                return NULL;
+            }
+            work += (part[2] - part[1]) * part[3];
+        }
+    }
+    if (work < LORA_PARALLEL_MIN || nthreads < 1) nthreads = 1;
+    /* Tasks: up to LORA_GROUP rows that share a descriptor, in order of first appearance. */
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)(n > 0 ? n : 1));
+    int64_t *task_start = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    if (order == NULL || task_start == NULL) {
+        free(order);
+        free(task_start);
+        return PyErr_NoMemory();
+    }
+    int64_t placed = 0, tasks = 0;
+    for (long long r = 0; r < n; r++) {
+        if (descs[r] == NULL) continue;
+        int seen = 0;
+        for (long long earlier = 0; earlier < r; earlier++) seen |= descs[earlier] == descs[r];
+        if (seen) continue;
+        for (long long s = r; s < n; s++) {
+            if (descs[s] != descs[r]) continue;
+            if ((placed == 0 || tasks == 0 || placed - task_start[tasks - 1] == LORA_GROUP ||
+                 descs[order[placed - 1]] != descs[r]))
+                task_start[tasks++] = placed;
+            order[placed++] = s;
+        }
+    }
+    task_start[tasks] = placed;
+    const int64_t widths64[3] = {widths[0], widths[1], widths[2]};
+    Py_BEGIN_ALLOW_THREADS;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t *rows = order + task_start[t];
+        low_rank_rows((const float *)x, descs[rows[0]], outs, widths64, rows,
+                      (int)(task_start[t + 1] - task_start[t]));
+    }
+    Py_END_ALLOW_THREADS;
+    free(order);
+    free(task_start);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"add_rms_norm", py_add_rms_norm, METH_VARARGS,
+     "add_rms_norm(hidden, delta, weight, y, n, h, eps): hidden[n, h] += delta (0: none); "
+     "y = weight * hidden * rsqrt(mean(hidden^2) + eps); float32 pointers"},
+    {"attend", py_attend, METH_VARARGS,
+     "attend(q, k, v, key_cache, value_cache, lengths, cos, sin, out, n, heads, kv_heads, d, "
+     "capacity, scale, nthreads): rotary on q, k in place, k/v into the cache at each row's "
+     "column lengths[r], out[n, heads, d] = attention over columns 0..lengths[r]"},
+    {"swiglu", py_swiglu, METH_VARARGS, "swiglu(gate, up, count): gate = silu(gate) * up"},
+    {"lora_rows", py_lora_rows, METH_VARARGS,
+     "lora_rows(x, n, in, table, out0, out1, out2, width0, width1, width2, nthreads): for each "
+     "row r whose table[r] (a pointer to an int64 site descriptor) is not 0, out_j[r] += "
+     "bt_j^T (a x[r])[part j]"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decode", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__decode(void) { return PyModule_Create(&module); }
