@@ -253,6 +253,48 @@ def _ours_decoder_args(model: Any, tokenizer: Any, arm: str) -> tuple[Any, list[
     return adapter, sorted(stop_ids(model, tokenizer))
 
 
+OVERHEAD_ROUNDS, OVERHEAD_STEPS = 15, 4
+
+
+def _adapter_overhead(model: Any, prompts: list[list[int]], adapter: Any, batch: int) -> dict:
+    """A decode step with the adapter on every row against the same step without it, and
+    with the adapter rounded to bfloat16 (as saved with ``adapter_dtype="bfloat16"``: the
+    decoder then reads it in bfloat16, exactly), all in this process, interleaved round by
+    round (OVERHEAD_ROUNDS x OVERHEAD_STEPS steps each), medians: the adapter's own cost,
+    with less of the machine's noise than two processes' totals."""
+    import statistics
+
+    import torch
+
+    from qlora.models.batch_decode import BatchDecoder
+
+    rounded = {
+        path: (a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float(), scaling)
+        for path, (a, b, scaling) in adapter.items()
+    }
+    decoders = {}
+    with torch.inference_mode():
+        for name, weights in (("base", None), ("fp32", adapter), ("bf16", rounded)):
+            decoder = BatchDecoder(model, max_batch=batch)
+            prepared = None if weights is None else decoder.prepare(weights)
+            for prompt in prompts[:batch]:
+                decoder.prefill(prompt, prepared)
+            decoders[name] = decoder
+        times: dict[str, list[float]] = {name: [] for name in decoders}
+        for _ in range(OVERHEAD_ROUNDS):
+            for name, decoder in decoders.items():
+                start = time.perf_counter()
+                for _ in range(OVERHEAD_STEPS):
+                    decoder.step([1] * batch)
+                times[name].append((time.perf_counter() - start) / OVERHEAD_STEPS)
+    step = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "step_ms": {name: t * 1e3 for name, t in step.items()},
+        "fp32_overhead": step["fp32"] / step["base"] - 1,
+        "bf16_overhead": step["bf16"] / step["base"] - 1,
+    }
+
+
 def _hf_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = _load(arm)
     prompts = _prompts(tokenizer)
@@ -270,6 +312,8 @@ def _hf_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
             _ours_decode(model, prompts[:batch], 2, adapter, banned)  # warm-up
             run = _ours_decode(model, prompts[:batch], args.new_tokens, adapter, banned)
             run["aggregate_tok_s"] = run["decode_tok_s"] * batch
+            if adapter is not None:
+                run["adapter_overhead"] = _adapter_overhead(model, prompts, adapter, batch)
         result[f"b{batch}"] = run
     if arm == "ours-nf4":
         result["public"] = _public_path(model, tokenizer, args.new_tokens)
@@ -582,7 +626,16 @@ def _ratio_lines(rows: list[dict[str, Any]], batches: list[int]) -> list[str]:
                 slow = s[ours] / s[f"{ours}-lora"] - 1
                 lines.append(
                     f"batch {b}: {ours} + unmerged r={LORA_R} adapter adds {slow:+.1%} to decode "
-                    f"time (target <= +10%)"
+                    f"time (two processes)"
+                )
+            overhead = by.get(f"{ours}-lora", {}).get(f"b{b}", {}).get("adapter_overhead")
+            if overhead:
+                ms = overhead["step_ms"]
+                lines.append(
+                    f"batch {b}: {ours} step {ms['base']:.2f} ms, + r={LORA_R} adapter float32 "
+                    f"{ms['fp32']:.2f} ms ({overhead['fp32_overhead']:+.1%}), bfloat16-saved "
+                    f"{ms['bf16']:.2f} ms ({overhead['bf16_overhead']:+.1%}) (one process, "
+                    "interleaved medians; target <= +10%)"
                 )
     for arm, r in by.items():
         for b in batches if "generate" in r else ():

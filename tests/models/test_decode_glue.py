@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora.config import LoraConfig
+from qlora.config import LoraConfig, QuantConfig
 from qlora.kernels import DISABLE_VARIABLE, c_extension
 from qlora.models.batch_decode import BatchDecoder, _rope, _signed_sin, adapter_weights
-from qlora.models.decode_glue import DecodeGlue
+from qlora.models.decode_glue import DecodeGlue, LayerShape
 from qlora.models.lora_rows import (
     MAX_DESCRIBED_RANK,
     PreparedAdapter,
@@ -23,6 +23,7 @@ from qlora.models.lora_rows import (
     site_table,
 )
 from qlora.nn import add_lora, lora_layers
+from qlora.nn.inject import quantize_model
 from tests.tiny_models import tiny_causal_lm, tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -147,7 +148,7 @@ def test_glue_checks_its_arguments(glue: DecodeGlue) -> None:
     trig = (torch.ones(1, 8), torch.zeros(1, 8))
     with pytest.raises(ValueError, match="outside the cache's 4 columns"):
         glue.attend(*row, cache, cache.clone(), torch.tensor([4]), *trig, 1.0)
-    with pytest.raises(ValueError, match="positions must be int64"):
+    with pytest.raises(ValueError, match=r"positions must be torch\.int64"):
         glue.attend(*row, cache, cache.clone(), torch.tensor([1], dtype=torch.int32), *trig, 1.0)
     with pytest.raises(ValueError, match="up has 3 elements"):
         glue.swiglu(torch.randn(4), torch.randn(3))
@@ -275,7 +276,7 @@ def test_lora_rows_checks_the_descriptors_against_the_site(glue: DecodeGlue) -> 
         glue.lora_rows(torch.randn(1, 12), table, 0, [torch.zeros(1, w) for w in (24, 8, 8)])
     with pytest.raises(ValueError, match="does not fit the site's output of 9"):
         glue.lora_rows(x, table, 0, [torch.zeros(1, w) for w in (24, 9, 8)])
-    with pytest.raises(ValueError, match="site 2 of 2"):
+    with pytest.raises(ValueError, match="site 2 of a site table"):
         glue.lora_rows(x, table, 2, [torch.zeros(1, 16)])
     assert site_table([None, None], 2) is None  # nothing to add
 
@@ -285,3 +286,94 @@ def test_sites_beyond_the_c_rank_limit_take_the_torch_path() -> None:
     adapter = prepare_adapter(weights, (("q",),))
     assert adapter.sites[0] is not None and adapter.sites[0].descriptor is None
     assert site_table([adapter], 1) is None  # the decoder then adds it with torch
+
+
+def test_bfloat16_exact_adapters_are_read_as_bfloat16_with_the_same_result(
+    glue: DecodeGlue,
+) -> None:
+    """An adapter whose values are bfloat16 numbers (saved as bfloat16; scaling 0.5, a power
+    of two) is described by bfloat16 copies, and adds the same update as in float32."""
+    sites = (("q", "k"),)
+    exact = {
+        name: (*(t.to(torch.bfloat16).float() for t in _low_rank(4, 16, 8, i)), 0.5)
+        for i, name in enumerate(("q", "k"))
+    }
+    rounded, plain = (
+        prepare_adapter(exact, sites),
+        prepare_adapter(
+            {n: (*_low_rank(4, 16, 8, i), 0.5) for i, n in enumerate(("q", "k"))}, sites
+        ),
+    )
+    assert rounded.sites[0] is not None and plain.sites[0] is not None
+    assert int(rounded.sites[0].descriptor[3]) == 1  # bfloat16
+    assert {t.dtype for t in rounded.sites[0].stored} == {torch.bfloat16}
+    assert int(plain.sites[0].descriptor[3]) == 0  # float32: not representable
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    got = [torch.zeros(3, 8), torch.zeros(3, 8)]
+    glue.lora_rows(x, site_table([rounded] * 3, 1), 0, got)
+    expected = [torch.zeros(3, 8), torch.zeros(3, 8)]
+    add_site_update(expected, x, rounded.sites[0], None)
+    for g, e in zip(got, expected, strict=True):
+        assert _relative(g, e) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("arch", "kind", "double_quant"),
+    [("llama", "nf4", True), ("qwen2", "int8", False), ("llama", "nf2", True)],
+)
+def test_the_c_decode_loop_equals_the_per_op_glue_bit_for_bit(
+    arch: str, kind: str, double_quant: bool
+) -> None:
+    """A k-bit model runs every layer of a step in one C call (`DecodeGlue.layers`): the
+    same kernels in the same order as the per-op glue, so the same bits, with and without
+    adapters (several in one batch; qwen2: q/k/v biases), rows joining and leaving; and
+    greedy tokens equal to the torch path's."""
+    model = {
+        "llama": lambda: tiny_llama(seed=0, vocab=VOCAB),
+        "qwen2": lambda: tiny_causal_lm("Qwen2", vocab=VOCAB),
+    }[arch]()
+    quantize_model(model, QuantConfig(kind=kind, double_quant=double_quant))
+    model = _with_adapters(model)
+    weights = {name: adapter_weights(model, name) for name in ("a", "b")}
+    loop, per_op = BatchDecoder(model, 4), BatchDecoder(model, 4)
+    slow = BatchDecoder(model, 4, c_glue=False)
+    assert loop._description is not None  # the loop applies to this model
+    per_op._description = None  # the per-op glue: its reference
+    rows = [(None, _ids(5, 1)), ("a", _ids(30, 2)), ("b", _ids(3, 3)), ("a", _ids(9, 4))]
+    for name, ids in rows:
+        adapter = None if name is None else weights[name]
+        for decoder in (loop, per_op, slow):
+            decoder.prefill(ids, adapter)
+    tokens = [1, 2, 3, 4]
+    for step in range(6):
+        if step == 3:
+            for decoder in (loop, per_op, slow):
+                decoder.release(0)
+            tokens = [tokens[3], tokens[1], tokens[2]]  # the last row moved into row 0
+        got, reference, torch_path = loop.step(tokens), per_op.step(tokens), slow.step(tokens)
+        assert torch.equal(got, reference)
+        assert _relative(got, torch_path) < 1e-5
+        assert torch.equal(got.argmax(-1), torch_path.argmax(-1))
+        tokens = [int(t) for t in torch_path.argmax(-1)]
+
+
+def test_the_c_decode_loop_checks_the_layer_description(glue: DecodeGlue) -> None:
+    model = tiny_llama(seed=0, vocab=VOCAB)
+    quantize_model(model, QuantConfig(kind="nf4"))
+    decoder = BatchDecoder(model, 1)
+    assert decoder._description is not None
+    decoder.prefill(_ids(3, 0))
+    broken = decoder._description.clone()
+    broken[0, 4 + 8] = 7  # q_proj's out features
+    shape = LayerShape(64, 128, 4, 2, 16, decoder.cache.capacity, 0.25)
+    caches = torch.tensor(
+        [
+            [k.data_ptr(), v.data_ptr()]
+            for k, v in zip(decoder.cache.keys, decoder.cache.values, strict=True)
+        ]
+    )
+    args = (torch.tensor([3]), torch.ones(1, 16), torch.zeros(1, 16), caches, None)
+    with pytest.raises(ValueError, match="layer 0 projection 0 is 7 x 64"):
+        glue.layers(broken, torch.randn(1, 64), shape, *args, torch.ones(64), 1e-5)
+    with pytest.raises(ValueError, match="hidden is"):
+        glue.layers(decoder._description, torch.randn(1, 32), shape, *args, torch.ones(64), 1e-5)

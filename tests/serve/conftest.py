@@ -4,6 +4,7 @@ with large random B (so they change the answer), and reference models to compare
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,3 +92,16 @@ def served(
             yield Served(url, engine, tokenizer, adapters)
     finally:
         engine.close()
+
+
+@contextlib.contextmanager
+def slowed(model: Any, seconds: float = 0.004) -> Iterator[None]:
+    """Every decode step of ``model`` takes ``seconds`` longer (a hook on its embedding, which
+    every engine calls once per step): a long generation then outlasts what a test does
+    meanwhile (a client giving up, a hot-load, a short request), however fast decoding is."""
+    embedding = model.get_input_embeddings()
+    handle = embedding.register_forward_hook(lambda *_: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        handle.remove()

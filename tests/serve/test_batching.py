@@ -13,7 +13,7 @@ import pytest
 from qlora.serve import BatchingEngine, UnknownModelError
 from qlora.serve.engine import GenerationRequest, Piece
 from tests.export.conftest import tiny_tokenizer
-from tests.serve.conftest import make_adapter, make_model
+from tests.serve.conftest import make_adapter, make_model, slowed
 
 BASE = "base"
 _TIMEOUT_S = 120
@@ -90,7 +90,8 @@ def test_a_request_joins_the_running_batch(engine: BatchingEngine) -> None:
         running = not first.done()
         return await first, second, running
 
-    got_long, got_short, long_still_running = run(joined())
+    with slowed(engine.model):
+        got_long, got_short, long_still_running = run(joined())
     assert (got_long, got_short) == tuple(expected)
     assert long_still_running  # the short one did not wait for the long one to finish
 
@@ -111,7 +112,8 @@ def test_hot_load_and_unload_while_a_request_runs(
         loaded_while_running = not first.done()
         return await first, loaded_while_running
 
-    got_long, loaded_while_running = run(around())
+    with slowed(engine.model):
+        got_long, loaded_while_running = run(around())
     assert got_long == expected_long
     assert loaded_while_running
     assert "a3" in [m.name for m in engine.models()]
@@ -134,8 +136,9 @@ def test_a_cancelled_request_frees_its_row(engine: BatchingEngine) -> None:
         await stream.aclose()  # the client is gone
 
     cancelled = engine.stats.cancelled
-    run(leave())
-    deadline = asyncio.run(_wait_for(lambda: engine.stats.cancelled > cancelled))
+    with slowed(engine.model):
+        run(leave())
+        deadline = asyncio.run(_wait_for(lambda: engine.stats.cancelled > cancelled))
     assert deadline
     assert engine.decoder.rows == 0
     assert engine.stats.cancelled_tokens[-1] < 150

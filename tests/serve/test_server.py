@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from qlora.generate import generate_text
-from tests.serve.conftest import BASE, CONTEXT, Served, reference, running
+from tests.serve.conftest import BASE, CONTEXT, Served, reference, running, slowed
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -275,14 +275,17 @@ def test_disconnect_mid_stream_stops_generation(served: Served) -> None:
         "ignore_eos": True,
         "stream": True,
     }
-    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=TIMEOUT) as r:
-        lines = r.iter_lines()
-        for _ in range(3):  # a few chunks, then hang up
-            next(lines)
-    deadline = time.monotonic() + 20
-    while stats.cancelled == cancelled:
-        assert time.monotonic() < deadline, "the generation was not cancelled"
-        time.sleep(0.02)
+    with slowed(served.engine.model):
+        with httpx.stream(
+            "POST", f"{served.url}/v1/completions", json=body, timeout=TIMEOUT
+        ) as response:
+            lines = response.iter_lines()
+            for _ in range(3):  # a few chunks, then hang up
+                next(lines)
+        deadline = time.monotonic() + 20
+        while stats.cancelled == cancelled:
+            assert time.monotonic() < deadline, "the generation was not cancelled"
+            time.sleep(0.02)
     assert stats.cancelled_tokens[-1] < CONTEXT - 8
     assert chat(served).choices  # and the server goes on serving
 
@@ -320,10 +323,11 @@ def test_disconnect_while_waiting_stops_generation(served: Served) -> None:
     stats = served.engine.stats
     cancelled = stats.cancelled
     body = {"model": BASE, "prompt": "hello", "max_tokens": CONTEXT - 8, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the answer
-        post(served, "/v1/completions", body, timeout=0.3)
-    deadline = time.monotonic() + 20
-    while stats.cancelled == cancelled:
-        assert time.monotonic() < deadline, "the generation was not cancelled"
-        time.sleep(0.02)
+    with slowed(served.engine.model):  # until the cancel: the generation would outlast the wait
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the answer
+            post(served, "/v1/completions", body, timeout=0.3)
+        deadline = time.monotonic() + 20
+        while stats.cancelled == cancelled:
+            assert time.monotonic() < deadline, "the generation was not cancelled"
+            time.sleep(0.02)
     assert stats.cancelled_tokens[-1] < CONTEXT - 8

@@ -55,6 +55,8 @@
 #define QLORA_X86 1
 #endif
 
+#include "matvec.h"
+
 enum { PATH_SCALAR = 0, PATH_AVX2 = 1, PATH_AVX512 = 2 };
 
 /* Below this many weight elements one thread beats waking the pool. */
@@ -70,22 +72,6 @@ enum { FUSED4_MAX_ROWS = 4 };
  * not hold up the others for a whole static half). */
 enum { ROWS_PER_GRAB = 8 };
 
-typedef struct {
-    const float *x;        /* [m, in] */
-    const uint8_t *packed; /* codes of W [out, in] */
-    const float *absmax;   /* [out * in / blocksize], or NULL with double quantization: */
-    const uint8_t *absmax_codes;  /* [nblocks] codes into nested_code */
-    const float *nested_code;     /* [256] */
-    const float *nested_absmax;   /* [ceil(nblocks / nested_blocksize)] */
-    float offset;
-    int64_t nested_blocksize;
-    int nested_shift; /* log2(nested_blocksize) when a power of two (256 always), else -1 */
-    const float *code;     /* [2^bits] */
-    float *y;              /* [m, out] */
-    int64_t m, out, in, blocksize;
-    int bits;
-    int int8_affine; /* int8_affine_mode(code) for 8-bit codes: 1, 2 or 0 (gather) */
-} Problem;
 
 /* Which 8-bit codebook this is, for a decode without a gather (slow on every x86 we have):
  * 1: exactly the int8 kind's (i - 128) / 127 (float32 division, as codebooks.py builds it):
@@ -713,6 +699,18 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static int api_matmul(Problem p, int nthreads) {
+    if (p.m == 0 || p.out == 0) return 0;
+    p.nested_shift = p.nested_blocksize > 0 && (p.nested_blocksize & (p.nested_blocksize - 1)) == 0
+                         ? __builtin_ctzll((unsigned long long)p.nested_blocksize)
+                         : -1;
+    p.int8_affine = p.bits == 8 ? int8_affine_mode(p.code) : 0;
+    if (nthreads < 1 || p.out * p.in < PARALLEL_MIN_ELEMENTS) nthreads = 1;
+    return run(&p, best_path(), nthreads);
+}
+
+static const MatvecApi api = {QLORA_MATVEC_API_VERSION, api_matmul};
+
 static PyObject *py_best_path(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -731,4 +729,14 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_matvec", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__matvec(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__matvec(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    PyObject *capsule = PyCapsule_New((void *)&api, QLORA_MATVEC_CAPSULE, NULL);
+    if (capsule == NULL || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

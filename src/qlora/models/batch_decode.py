@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora.kernels import c_extension
-from qlora.models.decode_glue import DecodeGlue
+from qlora.models.decode_glue import LAYER_FIELDS, DecodeGlue, LayerShape, float_bits
 from qlora.models.kv_slots import SlotKVCache
 from qlora.models.lora_rows import (
     PreparedAdapter,
@@ -304,6 +304,7 @@ class BatchDecoder:
         self._stack: tuple[tuple[int, ...], StackedAdapters] | None = None  # the last stacking
         self._raw_prepared: dict[int, tuple[AdapterWeights, PreparedAdapter]] = {}
         self._c_glue = c_glue and self._glue_applies()
+        self._description = self._layer_description() if self._c_glue else None
 
     def _glue_applies(self) -> bool:
         """Whether the C glue computes what the torch path does for this model."""
@@ -318,6 +319,31 @@ class BatchDecoder:
             and self._head_dim % 2 == 0
             and self._head_dim <= 512
         )
+
+    def _layer_description(self) -> torch.Tensor | None:
+        """The layers for the C decode loop (`DecodeGlue.layers`), or None where it does not
+        apply: a projection that is not a float32-compute k-bit layer with a kernel plan, or
+        q/k norms (Qwen3: the per-op glue runs those)."""
+        rows = []
+        for block in self._blocks:
+            if block.q_norm is not None or block.k_norm is not None:
+                return None
+            norms = (block.input_norm, block.post_attention_norm)
+            if any(not n.module.weight.is_contiguous() for n in norms):
+                return None
+            row = [n.module.weight.data_ptr() for n in norms]
+            row += [float_bits(float(n.eps)) for n in norms]
+            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                projection: _Projection = getattr(block, name)
+                if projection.plan is None or not projection.float32:
+                    return None
+                bias = projection.base.bias
+                if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+                    return None
+                row += [*projection.plan.fields(), 0 if bias is None else bias.data_ptr()]
+            rows.append(row)
+        description = torch.tensor(rows, dtype=torch.int64)
+        return description if description.shape[1] == LAYER_FIELDS else None
 
     @property
     def c_glue(self) -> bool:
@@ -484,6 +510,9 @@ class BatchDecoder:
         if self._table is None:
             self._table = (site_table(self._adapters, len(self._sites)),)
         table = self._table[0]
+        described = table is not None or all(adapter is None for adapter in self._adapters)
+        if self._description is not None and described and rows <= MATVEC_MAX_ROWS:
+            return self._loop_step(glue, hidden, cos, sin, positions, table)
         if table is None and any(adapter is not None for adapter in self._adapters):
             table_or_groups: torch.Tensor | _Groups = self._step_groups()
         else:
@@ -530,6 +559,50 @@ class BatchDecoder:
         x = glue.add_rms_norm(hidden, pending, self._norm.module.weight, self._norm.eps)
         logits = self._head(x)  # [n, V]
         adapt(len(self._sites) - 1, (logits,), x)
+        return logits.float()
+
+    def _loop_step(
+        self,
+        glue: DecodeGlue,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        table: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`_glue_step` with every layer in one C call (`DecodeGlue.layers`: the same
+        calls in the same order, without Python between them); the output head here."""
+        assert self._description is not None
+        pairs = zip(self.cache.keys, self.cache.values, strict=True)
+        caches = torch.tensor(
+            [[k.data_ptr(), v.data_ptr()] for k, v in pairs], dtype=torch.int64
+        )  # [layers, 2]: re-read each step (the cache reallocates when it grows)
+        first = self._blocks[0]
+        shape = LayerShape(
+            hidden=hidden.shape[1],
+            intermediate=first.gate.plan.out_features if first.gate.plan else 0,
+            heads=self._heads,
+            kv_heads=self._kv_heads,
+            head_dim=self._head_dim,
+            capacity=self.cache.capacity,
+            scale=self._scale,
+        )
+        layer_sites = len(self._blocks) * len(_LAYER_SITES)
+        x = glue.layers(
+            self._description,
+            hidden,
+            shape,
+            positions,
+            cos,
+            sin,
+            caches,
+            None if table is None else table[:layer_sites],
+            self._norm.module.weight,
+            self._norm.eps,
+        )  # [n, H]: the final norm's output
+        logits = self._head(x)  # [n, V]
+        if table is not None:
+            glue.lora_rows(x, table, layer_sites, (logits,))
         return logits.float()
 
     def _step_groups(self) -> _Groups:

@@ -12,6 +12,8 @@ against `quantized_matmul_few`).
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from qlora.kernels import c_extension
@@ -54,6 +56,21 @@ class MatvecPlan:
             absmax_ptr = absmax.data_ptr()
         self._weight_args = (packed.data_ptr(), absmax_ptr, code.data_ptr())
         self._shape_args = (self.out_features, self.in_features, state.blocksize, state.bits)
+
+    def fields(self) -> list[int]:
+        """The kernel's arguments as the 12 integers of a projection in the C decode loop's
+        layer description (qlora/kernels/decode.c): packed, absmax, code, absmax_codes,
+        nested_code, nested_absmax, offset (float32 bits), nested_blocksize, out, in,
+        blocksize, bits. Valid while the plan lives."""
+        codes, nested_code, nested_absmax, offset, nested_blocksize = self._nested_args or (
+            0, 0, 0, 0.0, 0,
+        )  # fmt: skip
+        (offset_bits,) = struct.unpack("<I", struct.pack("<f", float(offset)))
+        packed, absmax, code = self._weight_args
+        return [
+            packed, absmax, code, int(codes), int(nested_code), int(nested_absmax),
+            offset_bits, int(nested_blocksize), *self._shape_args,
+        ]  # fmt: skip
 
     @classmethod
     def create(cls, state: QuantState) -> MatvecPlan | None:
