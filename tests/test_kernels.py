@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -171,3 +172,19 @@ def test_only_the_loader_imports_the_extensions_and_reads_the_switch() -> None:
             if isinstance(node, ast.Constant) and isinstance(node.value, str)
         }
         assert "QLORA_DISABLE_KERNELS" not in literals, f"{path} reads the switch itself"
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here"
+)
+def test_every_c_extension_is_built_where_a_compiler_is() -> None:
+    """The extensions are optional at install (no compiler: the reference paths run), so a
+    source that stops compiling would only show as slower code and skipped kernel tests;
+    with a compiler on the machine, every one must have been built."""
+    missing = []
+    for name in kernels.C_EXTENSIONS:
+        try:
+            importlib.import_module(f"qlora.kernels._{name}")
+        except ImportError as error:
+            missing.append(f"_{name} ({error})")
+    assert not missing, f"C extensions not built: {', '.join(missing)}; rerun the install"

@@ -288,35 +288,6 @@ def test_sites_beyond_the_c_rank_limit_take_the_torch_path() -> None:
     assert site_table([adapter], 1) is None  # the decoder then adds it with torch
 
 
-def test_bfloat16_exact_adapters_are_read_as_bfloat16_with_the_same_result(
-    glue: DecodeGlue,
-) -> None:
-    """An adapter whose values are bfloat16 numbers (saved as bfloat16; scaling 0.5, a power
-    of two) is described by bfloat16 copies, and adds the same update as in float32."""
-    sites = (("q", "k"),)
-    exact = {
-        name: (*(t.to(torch.bfloat16).float() for t in _low_rank(4, 16, 8, i)), 0.5)
-        for i, name in enumerate(("q", "k"))
-    }
-    rounded, plain = (
-        prepare_adapter(exact, sites),
-        prepare_adapter(
-            {n: (*_low_rank(4, 16, 8, i), 0.5) for i, n in enumerate(("q", "k"))}, sites
-        ),
-    )
-    assert rounded.sites[0] is not None and plain.sites[0] is not None
-    assert int(rounded.sites[0].descriptor[3]) == 1  # bfloat16
-    assert {t.dtype for t in rounded.sites[0].stored} == {torch.bfloat16}
-    assert int(plain.sites[0].descriptor[3]) == 0  # float32: not representable
-    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
-    got = [torch.zeros(3, 8), torch.zeros(3, 8)]
-    glue.lora_rows(x, site_table([rounded] * 3, 1), 0, got)
-    expected = [torch.zeros(3, 8), torch.zeros(3, 8)]
-    add_site_update(expected, x, rounded.sites[0], None)
-    for g, e in zip(got, expected, strict=True):
-        assert _relative(g, e) < 1e-5
-
-
 @pytest.mark.parametrize(
     ("arch", "kind", "double_quant"),
     [("llama", "nf4", True), ("qwen2", "int8", False), ("llama", "nf2", True)],

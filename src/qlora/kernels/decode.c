@@ -89,12 +89,138 @@ static inline float dot(const float *a, const float *b, int64_t d) {
     return total;
 }
 
-static inline float dot_bf16(const uint16_t *a, const float *b, int64_t d) {
-    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t i = 0; i < d; i++) total += bf16_to_float(a[i]) * b[i];
-    return total;
+HOT static void add_rms_norm(float *hidden, const float *delta, const float *weight, float *y,
+                             int64_t n, int64_t h, float eps) {
+    for (int64_t row = 0; row < n; row++) {
+        float *x = hidden + row * h;
+        if (delta != NULL) {
+            const float *dx = delta + row * h;
+#pragma omp simd
+            for (int64_t i = 0; i < h; i++) x[i] = x[i] + dx[i];
+        }
+        double squares = 0.0;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < h; i++) squares += (double)x[i] * (double)x[i];
+        const float mean = (float)(squares / (double)h);
+        const float r = 1.0f / sqrtf(mean + eps);
+        float *out = y + row * h;
+#pragma omp simd
+        for (int64_t i = 0; i < h; i++) {
+            const float normed = x[i] * r;
+            out[i] = weight[i] * normed;
+        }
+    }
 }
+
+/* x[d] <- x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]; products rounded first. */
+HOT static void rope(float *x, const float *cos, const float *sin, int64_t d) {
+    const int64_t half = d / 2;
+    float rotated[MAX_HEAD_DIM];
+    for (int64_t i = 0; i < half; i++) rotated[i] = -x[i + half];
+    for (int64_t i = half; i < d; i++) rotated[i] = x[i - half];
+#pragma omp simd
+    for (int64_t i = 0; i < d; i++) {
+        const float a = x[i] * cos[i];
+        const float b = rotated[i] * sin[i];
+        x[i] = a + b;
+    }
+}
+
+/* out[d] = softmax(scale * q.K[0..columns)) . V[0..columns): an online softmax over chunks
+ * of SCORE_CHUNK columns (one chunk for every context up to that: the plain softmax). */
+HOT static void attend_head(const float *q, const float *keys, const float *values,
+                            int64_t columns, int64_t d, float scale, float *out) {
+    float scores[SCORE_CHUNK];
+    float running_max = -INFINITY, running_sum = 0.0f;
+    for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
+    for (int64_t start = 0; start < columns; start += SCORE_CHUNK) {
+        const int64_t count = columns - start < SCORE_CHUNK ? columns - start : SCORE_CHUNK;
+        float chunk_max = -INFINITY;
+        for (int64_t j = 0; j < count; j++) {
+            scores[j] = dot(q, keys + (start + j) * d, d) * scale;
+            chunk_max = scores[j] > chunk_max ? scores[j] : chunk_max;
+        }
+        const float new_max = chunk_max > running_max ? chunk_max : running_max;
+        if (running_max != -INFINITY && new_max != running_max) {
+            const float shrink = exp_approx(running_max - new_max);
+            running_sum *= shrink;
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) out[i] *= shrink;
+        }
+        running_max = new_max;
+        float chunk_sum = 0.0f;
+#pragma omp simd reduction(+ : chunk_sum)
+        for (int64_t j = 0; j < count; j++) {
+            scores[j] = exp_approx(scores[j] - new_max);
+            chunk_sum += scores[j];
+        }
+        running_sum += chunk_sum;
+        for (int64_t j = 0; j < count; j++) {
+            const float p = scores[j];
+            const float *v = values + (start + j) * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) out[i] += p * v[i];
+        }
+    }
+    const float inverse = 1.0f / running_sum;
+#pragma omp simd
+    for (int64_t i = 0; i < d; i++) out[i] *= inverse;
+}
+
+typedef struct {
+    float *q, *k, *v;               /* [n, heads, d], [n, kv_heads, d] x 2 (rotary in place) */
+    float *key_cache, *value_cache; /* [slots, kv_heads, capacity, d] */
+    const int64_t *lengths;         /* [n]: the new token's column in each row */
+    const float *cos, *sin;         /* [n, d] */
+    float *out;                     /* [n, heads, d] */
+    int64_t n, heads, kv_heads, d, capacity;
+    float scale;
+} Attention;
+
+static void attend(const Attention *a, int nthreads) {
+    const int64_t d = a->d, group = a->heads / a->kv_heads;
+    int64_t work = 0;
+    for (int64_t r = 0; r < a->n; r++) {
+        const int64_t p = a->lengths[r];
+        const float *cos = a->cos + r * d, *sin = a->sin + r * d;
+        for (int64_t h = 0; h < a->heads; h++) rope(a->q + (r * a->heads + h) * d, cos, sin, d);
+        for (int64_t g = 0; g < a->kv_heads; g++) {
+            float *k = a->k + (r * a->kv_heads + g) * d;
+            const float *v = a->v + (r * a->kv_heads + g) * d;
+            rope(k, cos, sin, d);
+            const int64_t at = ((r * a->kv_heads + g) * a->capacity + p) * d;
+            for (int64_t i = 0; i < d; i++) {
+                a->key_cache[at + i] = k[i];
+                a->value_cache[at + i] = v[i];
+            }
+        }
+        work += (p + 1) * a->heads * d;
+    }
+    if (work < ATTEND_PARALLEL_MIN) nthreads = 1;
+    const int64_t tasks = a->n * a->heads;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t r = t / a->heads, h = t % a->heads, g = h / group;
+        const int64_t base = (r * a->kv_heads + g) * a->capacity * d;
+        attend_head(a->q + t * d, a->key_cache + base, a->value_cache + base, a->lengths[r] + 1,
+                    d, a->scale, a->out + t * d);
+    }
+}
+
+HOT static void swiglu(float *gate, const float *up, int64_t count) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; i++) {
+        const float x = gate[i];
+        const float silu = x / (1.0f + exp_approx(-x));
+        gate[i] = silu * up[i];
+    }
+}
+
+/* A site's low-rank update for one adapter, as lora_rows.SiteUpdate.descriptor lays it out
+ * (int64): a [rank, in] (scaled), rank, in, then per projection j < 3: bt_j [r_j, out_j]
+ * (B transposed; 0: the adapter leaves projection j alone), first and last of its ranks
+ * within a's rows, out_j. */
+enum { DESC_A, DESC_RANK, DESC_IN, DESC_PARTS, DESC_PART_SIZE = 4 };
 #define MAX_SITE_RANK 1024 /* lora_rows.MAX_DESCRIBED_RANK */
 #define LORA_CHUNK 256
 /* Below this many multiply-adds of low-rank updates one thread beats waking the pool. */
@@ -107,22 +233,14 @@ static inline float dot_bf16(const uint16_t *a, const float *b, int64_t d) {
 /* out_i[out_width] += bt[r, out_width]^T h_i[r] for the m rows of a group, LORA_CHUNK outputs
  * at a time: each row of bt is loaded once for all m rows. */
 HOT static void add_low_rank(float *const *outs, const float (*h)[MAX_SITE_RANK], int m,
-                             int64_t first, const void *weights, int type, int64_t r,
-                             int64_t out_width) {
+                             int64_t first, const float *bt, int64_t r, int64_t out_width) {
     float delta[LORA_GROUP][LORA_CHUNK];
     for (int64_t c0 = 0; c0 < out_width; c0 += LORA_CHUNK) {
         const int64_t width = out_width - c0 < LORA_CHUNK ? out_width - c0 : LORA_CHUNK;
         for (int i = 0; i < m; i++)
             for (int64_t c = 0; c < width; c++) delta[i][c] = 0.0f;
         for (int64_t k = 0; k < r; k++) {
-            float converted[LORA_CHUNK];
-            const float *row = (const float *)weights + k * out_width + c0;
-            if (type == WEIGHTS_BFLOAT16) {
-                const uint16_t *bits = (const uint16_t *)weights + k * out_width + c0;
-#pragma omp simd
-                for (int64_t c = 0; c < width; c++) converted[c] = bf16_to_float(bits[c]);
-                row = converted;
-            }
+            const float *row = bt + k * out_width + c0;
             for (int i = 0; i < m; i++) {
                 const float hk = h[i][first + k];
                 float *d = delta[i];
@@ -142,17 +260,12 @@ HOT static void add_low_rank(float *const *outs, const float (*h)[MAX_SITE_RANK]
 /* The update of `m` rows (indices rows[0..m)) that share the descriptor `desc`. */
 HOT static void low_rank_rows(const float *x, const int64_t *desc, float *const *outs,
                               const int64_t *widths, const int64_t *rows, int m) {
+    const float *a = (const float *)desc[DESC_A];
     const int64_t rank = desc[DESC_RANK], in = desc[DESC_IN];
-    const int type = (int)desc[DESC_TYPE];
     float h[LORA_GROUP][MAX_SITE_RANK]; /* 32 KiB of stack */
     for (int64_t k = 0; k < rank; k++) {
-        if (type == WEIGHTS_BFLOAT16) {
-            const uint16_t *ak = (const uint16_t *)desc[DESC_A] + k * in;
-            for (int i = 0; i < m; i++) h[i][k] = dot_bf16(ak, x + rows[i] * in, in);
-        } else {
-            const float *ak = (const float *)desc[DESC_A] + k * in;
-            for (int i = 0; i < m; i++) h[i][k] = dot(ak, x + rows[i] * in, in);
-        }
+        const float *ak = a + k * in;
+        for (int i = 0; i < m; i++) h[i][k] = dot(ak, x + rows[i] * in, in);
     }
     for (int j = 0; j < 3; j++) {
         const int64_t *part = desc + DESC_PARTS + j * DESC_PART_SIZE;
@@ -160,7 +273,7 @@ HOT static void low_rank_rows(const float *x, const int64_t *desc, float *const 
         float *row_outs[LORA_GROUP];
         for (int i = 0; i < m; i++) row_outs[i] = outs[j] + rows[i] * widths[j];
         add_low_rank(row_outs, (const float(*)[MAX_SITE_RANK])h, m, part[1],
-                     (const void *)part[0], type, part[2] - part[1], widths[j]);
+                     (const float *)part[0], part[2] - part[1], widths[j]);
     }
 }
 
@@ -235,8 +348,7 @@ static int64_t check_site(const int64_t *const *descs, int64_t n, int64_t in,
     for (int64_t r = 0; r < n; r++) {
         const int64_t *desc = descs[r];
         if (desc == NULL) continue;
-        if (desc[DESC_IN] != in || desc[DESC_RANK] < 0 || desc[DESC_RANK] > MAX_SITE_RANK ||
-            (desc[DESC_TYPE] != WEIGHTS_FLOAT32 && desc[DESC_TYPE] != WEIGHTS_BFLOAT16)) {
+        if (desc[DESC_IN] != in || desc[DESC_RANK] < 0 || desc[DESC_RANK] > MAX_SITE_RANK) {
             snprintf(message, length, "lora_rows: row %lld's update reads %lld features at "
                      "rank %lld; the site has %lld (ranks up to %d)", (long long)r,
                      (long long)desc[DESC_IN], (long long)desc[DESC_RANK], (long long)in,

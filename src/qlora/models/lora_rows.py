@@ -65,11 +65,9 @@ class SiteUpdate:
         parts: per projection of the site: (first, last) columns of x·aᵀ that are its rank,
             and its B [out, r]; None where the adapter leaves the projection alone.
         descriptor: the same for the C glue's ``lora_rows`` (`qlora.models.decode_glue`):
-            int64 [16], a's address, Σr, in, the weights' type (0 float32, 1 bfloat16), then
-            per projection (up to 3) the address of Bᵀ [r, out] (0: none), first, last, out;
-            None unless float32 on the CPU.
-        stored: the tensors the descriptor points to, kept alive with it: a and the Bᵀ, in
-            bfloat16 when every value is a bfloat16 number (exact), else float32.
+            int64 [15], a's address, Σr, in, then per projection (up to 3) the address of
+            Bᵀ [r, out] (0: none), first, last, out; None unless float32 on the CPU.
+        stored: the tensors the descriptor points to, kept alive with it: a and the Bᵀ.
     """
 
     a: torch.Tensor
@@ -106,36 +104,27 @@ _DESCRIBED_PARTS = 3  # projections per site a descriptor has room for (q, k, v)
 MAX_DESCRIBED_RANK = 1024  # the most ranks of a site the C glue takes (decode.c: MAX_SITE_RANK)
 
 
-def _bfloat16_exact(tensor: torch.Tensor) -> bool:
-    return bool(torch.equal(tensor.to(torch.bfloat16).float(), tensor))
-
-
 def _with_descriptor(update: SiteUpdate) -> SiteUpdate:
-    """``update`` with its C descriptor (see `SiteUpdate`), when the C glue can read it.
-
-    An update whose values are all bfloat16 numbers (an adapter saved in bfloat16, its
-    scaling a power of two) is described by bfloat16 copies: the same values at half the
-    bytes, which is half the adapter's cost in a memory-bound decode step."""
+    """``update`` with its C descriptor (see `SiteUpdate`), when the C glue can read it."""
     a = update.a
     on_cpu = a.device.type == "cpu" and a.dtype == torch.float32
     if not on_cpu or len(update.parts) > _DESCRIBED_PARTS or a.shape[0] > MAX_DESCRIBED_RANK:
         return update
     if any(p is not None and p[2].dtype != torch.float32 for p in update.parts):
         return update
-    bs = [part[2].t().contiguous() for part in update.parts if part is not None]  # [r, out]
-    half = all(_bfloat16_exact(t) for t in (a, *bs))
-    stored = [t.to(torch.bfloat16) if half else t for t in (a.contiguous(), *bs)]
-    fields = [stored[0].data_ptr(), a.shape[0], a.shape[1], 1 if half else 0]
-    transposed = iter(stored[1:])
+    a = a.contiguous()
+    fields = [a.data_ptr(), a.shape[0], a.shape[1]]
+    stored = [a]
     for part in update.parts:
         if part is None:
             fields += [0, 0, 0, 0]
             continue
-        bt = next(transposed)
+        bt = part[2].t().contiguous()  # [r, out]: the C loop runs along the outputs
+        stored.append(bt)
         fields += [bt.data_ptr(), part[0], part[1], bt.shape[1]]
     fields += [0, 0, 0, 0] * (_DESCRIBED_PARTS - len(update.parts))
     descriptor = torch.tensor(fields, dtype=torch.int64)
-    return SiteUpdate(a, update.parts, descriptor, tuple(stored))
+    return SiteUpdate(update.a, update.parts, descriptor, tuple(stored))
 
 
 def site_table(adapters: Sequence[PreparedAdapter | None], sites: int) -> torch.Tensor | None:
