@@ -370,6 +370,8 @@ def _train(args: argparse.Namespace) -> int:
     # run_training checks the data files and claims the output directory before loading
     result = recipe.run_training(config, resume=args.resume, overwrite=args.overwrite)
     train = result.train
+    if result.rank != 0:  # under torchrun: rank 0 speaks for the job
+        return 0
     evaluation = f", eval loss {train.eval_loss:.4f}" if train.eval_loss is not None else ""
     print(
         f"trained {train.steps} steps in {train.seconds:.0f} s: final loss "

@@ -2,13 +2,16 @@
 
 load_model (quantize-on-load) -> add_lora -> load_data -> train -> save_adapter, with the
 resolved config written beside the outputs so a run can be reproduced or resumed.
+
+Under torchrun every rank runs this; rank 0 claims the output directory, prints and writes
+the files, and every rank trains on its slice of each global batch (`qlora.train.parallel`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,37 +20,53 @@ import yaml
 from torch import nn
 
 from qlora.config import RunConfig, check_data_files
+from qlora.devices import resolve_device
 from qlora.files import atomic_write
 from qlora.nn import add_lora, init_loftq, trainable_report
-from qlora.train.run_dir import RunDirectory, claim_output_dir
+from qlora.train.parallel import Distributed, distributed_session, rank_slice
+from qlora.train.run_dir import OutputDirError, RunDirectory, claim_output_dir
 
 __all__ = ["EpochBatches", "RunResult", "load_base", "run_training"]
 
 
 class _LazyBatches(Sequence):
-    """One epoch's batches, collated only when the trainer reaches them."""
+    """One epoch's batches (this rank's slice of each), collated when the trainer gets there."""
 
-    def __init__(self, loader: Any, epoch: int) -> None:
-        self.loader, self.plan = loader, loader.batches(epoch)
+    def __init__(self, owner: EpochBatches, epoch: int) -> None:
+        self.owner, self.plan = owner, owner.loader.batches(epoch)
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        from qlora.data import collate
+        from qlora.data import IGNORE_INDEX, collate
 
-        examples = [self.loader.examples[j] for j in self.plan[i]]
-        return collate(examples, self.loader.pad_id, **self.loader.collate_kwargs)
+        loader, place = self.owner.loader, self.owner.place
+        indices = self.plan[i]
+        if place.active:
+            indices = rank_slice(indices, place, self.owner.per_rank)
+        blank = not indices  # past the end of a short last batch: one row that adds nothing
+        examples = [loader.examples[j] for j in (indices or self.plan[i][:1])]
+        batch = collate(examples, loader.pad_id, **loader.collate_kwargs)
+        if blank:
+            batch["labels"].fill_(IGNORE_INDEX)
+        return batch
 
 
 @dataclass
 class EpochBatches:
-    """Adapts a `qlora.data.BatchLoader` to the trainer's ``epoch(e) -> batches``."""
+    """Adapts a `qlora.data.BatchLoader` to the trainer's ``epoch(e) -> batches``.
+
+    Under torchrun the loader's batches are the global ones (``per_rank`` × world size
+    examples) and each rank sees its slice of every one (`qlora.train.parallel.rank_slice`).
+    """
 
     loader: Any
+    place: Distributed = field(default_factory=Distributed)
+    per_rank: int = 0
 
     def epoch(self, epoch: int) -> Sequence[dict[str, torch.Tensor]]:
-        return _LazyBatches(self.loader, epoch)
+        return _LazyBatches(self, epoch)
 
 
 @dataclass
@@ -57,13 +76,14 @@ class RunResult:
     train: Any  # qlora.train.TrainResult
     adapter_dir: Path
     data_summary: str
+    rank: int = 0  # under torchrun: this process's rank (0 prints the summary)
 
 
-def load_base(config: RunConfig) -> tuple[nn.Module, Any]:
+def load_base(config: RunConfig, progress: bool = True) -> tuple[nn.Module, Any]:
     """The base model and tokenizer as ``config.model`` and ``config.quant`` describe."""
     from qlora.models import load_model
 
-    return load_model(config.model, config.quant)
+    return load_model(config.model, config.quant, progress=progress)
 
 
 def run_training(
@@ -81,55 +101,92 @@ def run_training(
     the demo does) passes ``run_dir``.
     """
     check_data_files(config.data)  # a typo in a path costs no loading time
-    if run_dir is not None:
-        return _run_in(config, run_dir, resume=resume, progress=progress)
-    with claim_output_dir(config.train.output_dir, resume=resume, overwrite=overwrite) as claimed:
-        return _run_in(config, claimed, resume=resume, progress=progress)
+    with distributed_session(config.train.parallel, resolve_device(config.model.device)) as place:
+        if place.device.type == "cuda":  # each rank on its own GPU
+            model = dataclasses.replace(config.model, device=str(place.device))
+            config = dataclasses.replace(config, model=model)
+        if run_dir is not None or not place.is_main:
+            _agree_on_claim(place, None)
+            return _run_in(config, run_dir, place, resume=resume, progress=progress)
+        try:
+            claim = claim_output_dir(config.train.output_dir, resume=resume, overwrite=overwrite)
+        except OutputDirError as err:
+            _agree_on_claim(place, err)
+            raise
+        _agree_on_claim(place, None)
+        with claim as claimed:
+            return _run_in(config, claimed, place, resume=resume, progress=progress)
 
 
-def _run_in(config: RunConfig, run_dir: RunDirectory, *, resume: bool, progress: bool) -> RunResult:
+def _agree_on_claim(place: Distributed, failure: Exception | None) -> None:
+    """Rank 0 says whether it claimed the output directory; the others stop if it did not."""
+    message = place.broadcast(None if failure is None else str(failure))
+    if failure is None and message is not None:
+        raise OutputDirError(f"rank 0 could not claim the output directory: {message}")
+
+
+def _run_in(
+    config: RunConfig,
+    run_dir: RunDirectory | None,
+    place: Distributed,
+    *,
+    resume: bool,
+    progress: bool,
+) -> RunResult:
     from qlora.adapters import save_adapter
     from qlora.data import BatchLoader, load_data, pad_id_of
     from qlora.train import train
 
-    out = run_dir.path
-    atomic_write(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    main = place.is_main
+    say = print if main else (lambda *_: None)
+    progress = progress and main
+    if run_dir is not None:
+        dump = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+        atomic_write(run_dir.path / "config.yaml", dump)
     loftq = config.lora.init == "loftq"  # LoftQ quantizes from the full-precision weights
     full_precision = dataclasses.replace(config, quant=dataclasses.replace(config.quant, kind=None))
-    model, tokenizer = load_base(full_precision if loftq else config)
+    model, tokenizer = load_base(full_precision if loftq else config, progress=progress)
     torch.manual_seed(config.train.seed)  # the adapters' initialization is part of the run
     add_lora(model, config.lora)
     if loftq:  # quantize now, fitting the adapters to the quantization error
-        print(init_loftq(model, config.lora, config.quant, progress=progress))
-    print(trainable_report(model))
+        say(init_loftq(model, config.lora, config.quant, progress=progress))
+    say(trainable_report(model))
     data = load_data(config.data, tokenizer)
     summary = data.summary()
-    print(summary)
+    say(summary)
     pad = pad_id_of(tokenizer)
-    loader = BatchLoader(
+    per_rank = config.train.batch_size
+    loader = BatchLoader(  # the global batches; each rank takes its slice
         data.train,
-        config.train.batch_size,
+        per_rank * place.world_size,
         pad,
         seed=config.data.seed,
         group_by_length=config.data.group_by_length,
     )
     eval_batches = None
     if data.eval:
-        eval_loader = BatchLoader(data.eval, config.train.batch_size, pad, shuffle=False)
+        eval_loader = BatchLoader(data.eval, per_rank, pad, shuffle=False)
         eval_batches = list(eval_loader)
     result = train(
         model,
         config.train,
-        EpochBatches(loader),
+        EpochBatches(loader, place, per_rank),
         eval_batches,
         resume=resume,
         progress=progress,
         run_dir=run_dir,
+        place=place,
     )
-    adapter_dir = save_adapter(
-        model,
-        out / "adapter",
-        base_model_name_or_path=config.model.source,
-        dtype=config.train.adapter_dtype,
-    )
-    return RunResult(model, tokenizer, result, Path(adapter_dir), summary)
+    out = Path(config.train.output_dir)
+    adapter_dir = out / "adapter"
+    if run_dir is not None and main:  # the adapters are the same on every rank
+        adapter_dir = Path(
+            save_adapter(
+                model,
+                out / "adapter",
+                base_model_name_or_path=config.model.source,
+                dtype=config.train.adapter_dtype,
+            )
+        )
+    place.barrier()  # no rank returns (and tears the group down) before the adapter exists
+    return RunResult(model, tokenizer, result, adapter_dir, summary, place.rank)

@@ -40,6 +40,7 @@ __all__ = [
     "GenerationConfig",
     "LoraConfig",
     "ModelConfig",
+    "ParallelMode",
     "QuantConfig",
     "RunConfig",
     "TrainConfig",
@@ -57,6 +58,7 @@ T = TypeVar("T")
 # How a saved adapter stores A and B: a float dtype (plain PEFT files) or our blockwise int8
 # (qlora.adapters.peft_format documents the layout; only qlora reads it back).
 AdapterDtype = Literal[DtypeName, "int8"]
+ParallelMode = Literal["auto", "none", "ddp"]  # qlora.train.parallel says what each does
 
 TargetModules = str | list[str]
 
@@ -247,6 +249,11 @@ class TrainConfig:
         adapter_dtype: precision of the final adapter in <output_dir>/adapter: "float32",
             "bfloat16" or "float16" (plain PEFT files, half the size), or "int8" (blockwise
             absmax, about a quarter; only qlora loads it). Checkpoints stay float32.
+        parallel: how a torchrun job of several processes splits the work: "ddp" (each rank
+            a whole model, the adapters' gradients all-reduced), "auto" (ddp when torchrun
+            started more than one process), "none" (refuses to run under such a job). A plain
+            ``qlora train`` is one process whatever this says. ``batch_size`` is per rank:
+            the global batch is batch_size x grad_accum x world size. See qlora.train.parallel.
     """
 
     SECTION: ClassVar[str] = "train"
@@ -273,6 +280,7 @@ class TrainConfig:
     seed: int = 0
     tensorboard: bool = False
     adapter_dtype: AdapterDtype = "float32"
+    parallel: ParallelMode = "auto"
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -19,6 +19,12 @@ itself saves nothing (the parameters are half-updated) and points at the last ch
 The output directory is claimed first (`qlora.train.run_dir`): new, empty or this run's,
 locked for the run. Nothing here is global state: everything lives in the call, so several
 runs (or ranks) can share a process. Only rank 0 writes files and shows progress.
+
+Under torchrun (`qlora.train.parallel`) every rank runs this same loop on its share of each
+global batch; the token count, the logged loss, the token throughput and the evaluation are
+all-reduced, so rank 0 logs the global figures. Rank 0 claims the directory and writes the
+checkpoints (the adapters and their optimizer state are replicated under DDP; the RNG state
+of every rank is stored beside them); every rank resumes from the checkpoint rank 0 picks.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ from qlora.train.checkpoint import (
     trainable_state,
 )
 from qlora.train.loss import IGNORE_INDEX, causal_lm_loss
-from qlora.train.run_dir import RunDirectory, claim_output_dir
+from qlora.train.parallel import Distributed, wrap_for_training
+from qlora.train.run_dir import OutputDirError, RunDirectory, claim_output_dir
 from qlora.train.schedule import lr_lambda
 
 __all__ = ["TrainResult", "TrainingError", "evaluate", "train"]
@@ -114,15 +121,26 @@ def _forward(model: nn.Module, batch: Batch, chunk: int) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[Batch], chunk: int = 1024) -> float:
-    """Mean next-token loss per labelled token over ``batches`` (eval mode restored after)."""
+def evaluate(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    chunk: int = 1024,
+    place: Distributed | None = None,
+) -> float:
+    """Mean next-token loss per labelled token over ``batches`` (eval mode restored after).
+
+    With ``place`` a world of N ranks, rank r evaluates batches r, r + N, ... and the sums
+    are all-reduced: every rank returns the loss over all of ``batches``.
+    """
+    place = place or Distributed()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
+    for batch in batches[place.rank :: place.world_size]:
         loss, n = _forward(model, batch, chunk)
         total, count = total + float(loss.detach()), count + n
     model.train(was_training)
+    total, count = place.all_reduce_sum([total, count])
     if count == 0:
         raise TrainingError("the evaluation data has no labelled tokens")
     return total / count
@@ -137,23 +155,23 @@ def _memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def _is_main() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
-
-
 def _say(message: str) -> None:
     print(f"qlora: {message}", file=sys.stderr, flush=True)
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
-    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
-        model, "gradient_checkpointing_enable", None
-    )
+def _enable_checkpointing(model: nn.Module, place: Distributed) -> None:
+    enable = getattr(model, "gradient_checkpointing_enable", None)
     if enable is None:
         raise TrainingError(f"{type(model).__name__} does not support gradient checkpointing")
-    enable()
+    if place.active:  # reentrant checkpointing breaks DDP ("mark a variable ready only once")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable()
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Rank r's torch seed: rank 0 keeps the run's seed (world 1 is unchanged)."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank) % 2**63
 
 
 def _tensorboard(out: Path) -> Any:
@@ -209,15 +227,17 @@ class _Run:
         eval_data: Sequence[Batch] | None,
         run_dir: RunDirectory | None,
         progress: bool,
+        place: Distributed,
     ) -> None:
         self.model, self.config, self.train_data = model, config, train_data
-        self.eval_data = eval_data
-        self.run_dir, self.main = run_dir, run_dir is not None
+        self.eval_data, self.place = eval_data, place
+        self.run_dir, self.main = run_dir, run_dir is not None and place.is_main
         self.out = Path(config.output_dir)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable parameters: call qlora.add_lora first")
         self.device = self.params[0].device
+        self.loss_model = wrap_for_training(model, _forward, place)
         per_epoch = len(_batches(train_data, 0))
         if per_epoch == 0:
             raise TrainingError("the training data has no batches")
@@ -230,7 +250,7 @@ class _Run:
             lr=config.lr,
             weight_decay=config.weight_decay,
             page_bytes=config.optim_page_mb << 20,
-            state_dir=config.optim_dir or self.out / "optimizer-state",
+            state_dir=self._optimizer_dir(),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(config.schedule, config.warmup_steps, self.total_steps)
@@ -241,36 +261,82 @@ class _Run:
         self.saved_step = 0  # the newest step with a checkpoint on disk
         self.boundary_rng: dict[str, Any] = {}
 
+    def _optimizer_dir(self) -> Path:
+        """Where a paged optimizer keeps its state file on the CPU: one folder per rank."""
+        chosen = self.config.optim_dir
+        base = Path(chosen) if chosen else self.out / "optimizer-state"
+        return base / f"rank-{self.place.rank}" if self.place.active else base
+
     # -- resuming ---------------------------------------------------------------------------
 
-    def restore_newest(self) -> None:
-        """Load the newest readable checkpoint; skip (and say) unreadable ones."""
+    def _newest_readable(self) -> tuple[Path | None, str | None, dict[str, Any] | None]:
+        """Rank 0's pick: (path, None, state), (None, error, None) or (None, None, None)."""
         problems = []
-        for step, path in reversed(checkpoint_dirs(self.out)):
+        for _, path in reversed(checkpoint_dirs(self.out)):
             try:
                 run_id, state = load_checkpoint(path)
             except CheckpointError as err:
                 problems.append(str(err))
-                if self.main:
-                    _say(f"skipping {path.name}: {err}")
+                _say(f"skipping {path.name}: {err}")
                 continue
             if self.run_dir is not None and run_id != self.run_dir.run_id:
                 _say(f"skipping {path.name}: written by another run than this directory's")
                 continue
-            self.restore(state, path)
-            if self.main:
-                _say(f"resuming from {path.name} (step {step} of {self.total_steps})")
-            return
+            return path, None, state
         if problems:
-            raise TrainingError(
-                f"--resume: no readable checkpoint in {self.out} ({len(problems)} unreadable; "
-                f"the newest: {problems[0]}); start a new run in another train.output_dir"
+            return (
+                None,
+                (
+                    f"--resume: no readable checkpoint in {self.out} ({len(problems)} unreadable; "
+                    f"the newest: {problems[0]}); start a new run in another train.output_dir"
+                ),
+                None,
             )
+        return None, None, None
+
+    def restore_newest(self) -> None:
+        """Load the newest readable checkpoint (rank 0 picks it); skip unreadable ones."""
+        path, error, state = self._newest_readable() if self.place.is_main else (None, None, None)
+        path, error = self.place.broadcast((path, error))
+        if error is not None:
+            raise TrainingError(error)
+        if path is None:
+            if self.main:
+                _say(f"--resume: no checkpoint in {self.out} yet; starting from step 0")
+            return
+        if state is None:  # another rank: read what rank 0 picked
+            try:
+                _, state = load_checkpoint(path)
+            except CheckpointError as err:
+                raise TrainingError(f"rank {self.place.rank}: {err}") from None
+        self.restore(state, path)
         if self.main:
-            _say(f"--resume: no checkpoint in {self.out} yet; starting from step 0")
+            _say(f"resuming from {path.name} (step {state['step']} of {self.total_steps})")
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        """This rank's RNG as saved; at another world size rank 0's, the others seeded anew."""
+        place, saved_world = self.place, int(state.get("world_size", 1))
+        per_rank = state.get("rng_ranks")
+        if saved_world == place.world_size and per_rank is not None:
+            set_rng_state(per_rank[place.rank])
+            return
+        if saved_world == place.world_size or place.rank == 0:
+            set_rng_state(state["rng"])
+            if place.rank == 0 and saved_world == place.world_size:
+                return
+        else:
+            random.seed(self.config.seed + state["step"])
+            torch.manual_seed(_rank_seed(self.config.seed + state["step"], place.rank))
+        if self.main:
+            _say(
+                f"the checkpoint was written by {saved_world} rank(s), this run has "
+                f"{place.world_size}: the data order and the adapters continue exactly; "
+                "random draws (dropout) on ranks other than 0 start from fresh seeds"
+            )
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
         self._check_fits(state, path)
+        self._check_global_batch(state, path)
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -278,7 +344,7 @@ class _Run:
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
+            self._restore_rng(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise TrainingError(
                 f"{path}: the checkpoint's optimizer state does not load: {err}"
@@ -286,6 +352,23 @@ class _Run:
         self.cursor = _Cursor(state["step"], state["epoch"], state["index"])
         self.saved_step = state["step"]
         self.history = [h for h in state["history"] if h["step"] <= state["step"]]
+
+    def _check_global_batch(self, state: dict[str, Any], path: Path) -> None:
+        """The data cursor counts global batches: their size must not change on resume."""
+        saved_world = int(state.get("world_size", 1))
+        saved = state.get("global_batch")
+        ours = self.config.batch_size * self.place.world_size
+        if saved is not None and saved != ours:
+            raise TrainingError(
+                f"{path} was written with a global batch of {saved} examples ({saved_world} "
+                f"rank(s)); this run's is {ours} ({self.place.world_size} x train.batch_size "
+                f"{self.config.batch_size}): set train.batch_size={saved // self.place.world_size}"
+                " so that the global batch stays the same (it must divide by the world size)"
+                if saved % self.place.world_size == 0
+                else f"{path} was written with a global batch of {saved} examples, which "
+                f"{self.place.world_size} ranks cannot share evenly: resume with a world size "
+                f"that divides {saved}"
+            )
 
     def _check_fits(self, state: dict[str, Any], path: Path) -> None:
         """The checkpoint must be of this model's adapters and this optimizer."""
@@ -318,24 +401,36 @@ class _Run:
     # -- one optimizer step -------------------------------------------------------------------
 
     def compute(self, stream: Iterator[tuple]) -> tuple[list[tuple], float, int, int]:
-        """Forward and backward of one step's micro-batches: (micro, loss sum, count, tokens)."""
+        """Forward and backward of one step's micro-batches: (micro, loss sum, count, tokens).
+
+        The sums are over every rank's micro-batches. Each rank divides its summed loss by
+        the global token count (and multiplies by the world size, which DDP's mean undoes);
+        DDP reduces the gradients on the last micro-batch only.
+        """
+        place, world = self.place, self.place.world_size
         micro = [next(stream) for _ in range(self.config.grad_accum)]
-        count = sum(_labelled(b) for _, _, b in micro)
+        (count,) = place.all_reduce_sum([sum(_labelled(b) for _, _, b in micro)])
+        count = int(count)
         step_loss, tokens = 0.0, 0
-        for _, _, batch in micro:
-            loss, _ = _forward(self.model, batch, self.config.loss_chunk)
-            if not torch.isfinite(loss):
-                newest = checkpoint_dirs(self.out)
-                raise TrainingError(
-                    f"step {self.cursor.step + 1}: the loss is {float(loss.detach())}; stopped "
-                    f"before the update. Last good checkpoint: "
-                    f"{newest[-1][1] if newest else 'none'}. Lower train.lr, check the data, "
-                    "or use float32 compute"
-                )
-            (loss / max(count, 1)).backward()
+        for i, (_, _, batch) in enumerate(micro):
+            last = i == len(micro) - 1
+            no_sync = getattr(self.loss_model, "no_sync", None)
+            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+                loss, _ = self.loss_model(batch, self.config.loss_chunk)
+                scaled = loss / max(count, 1)
+                (scaled * world if world > 1 else scaled).backward()
             step_loss += float(loss.detach())
             tokens += int(batch["input_ids"].numel())
-        return micro, step_loss, count, tokens
+        step_loss, tokens = place.all_reduce_sum([step_loss, tokens])
+        if not math.isfinite(step_loss):  # every rank sees the sum, so every rank stops
+            newest = checkpoint_dirs(self.out)
+            raise TrainingError(
+                f"step {self.cursor.step + 1}: the loss is {step_loss / max(count, 1)}; stopped "
+                f"before the update. Last good checkpoint: "
+                f"{newest[-1][1] if newest else 'none'}. Lower train.lr, check the data, "
+                "or use float32 compute"
+            )
+        return micro, step_loss, count, int(tokens)
 
     def update(self, micro: list[tuple]) -> float:
         """Clip, step the optimizer and the schedule; advance the cursor. Returns the norm."""
@@ -354,8 +449,15 @@ class _Run:
     # -- files --------------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Checkpoint the state between the last step and the next (see the module docstring)."""
-        if self.run_dir is None or self.saved_step == self.cursor.step:
+        """Checkpoint the state between the last step and the next (see the module docstring).
+
+        Every rank calls it (the RNG states are gathered); rank 0 writes.
+        """
+        if self.saved_step == self.cursor.step:
+            return
+        rngs = self.place.gather(self.boundary_rng) if self.place.active else None
+        if self.run_dir is None or not self.main:
+            self.saved_step = self.cursor.step
             return
         state = {
             "trainable": trainable_state(self.model),
@@ -367,7 +469,11 @@ class _Run:
             "index": self.cursor.index,
             "history": self.history,
             "config": asdict(self.config),
+            "world_size": self.place.world_size,
+            "global_batch": self.config.batch_size * self.place.world_size,
         }
+        if rngs is not None:
+            state["rng_ranks"] = rngs
         save_checkpoint(self.out, self.cursor.step, state, self.run_dir.run_id)
         self.saved_step = self.cursor.step
         self.run_dir.prune(_KEEP)
@@ -392,13 +498,13 @@ class _Run:
             self.restore_newest()
         else:
             random.seed(config.seed)
-            torch.manual_seed(config.seed)
+            torch.manual_seed(_rank_seed(config.seed, self.place.rank))
         if self.main:  # metrics.jsonl holds exactly the history up to the resumed step
             atomic_write(
                 self.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history)
             )
         if config.grad_ckpt:
-            _enable_checkpointing(self.model)
+            _enable_checkpointing(self.model, self.place)
         if self.device.type == "cpu" and config.malloc_mmap_kb > 0:
             limit_heap_retention(config.malloc_mmap_kb)
         self.model.train()
@@ -438,9 +544,13 @@ class _Run:
                     "memory_mb": _memory_mb(self.device),
                     "elapsed_s": elapsed,
                 }
+                if self.place.active:  # the fullest rank's peak: what each machine must hold
+                    (record["memory_mb_max_rank"],) = self.place.all_reduce_max(
+                        [record["memory_mb"]]
+                    )
                 step = self.cursor.step
                 if self.eval_data and config.eval_every and step % config.eval_every == 0:
-                    eval_loss = evaluate(self.model, self.eval_data, config.loss_chunk)
+                    eval_loss = evaluate(self.model, self.eval_data, config.loss_chunk, self.place)
                     record["eval_loss"] = eval_loss
                 self.log(record, board)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -461,8 +571,8 @@ class _Run:
         complete and the RNG has not been drawn from since; in "update" they are half
         updated, so nothing is saved.
         """
-        with contextlib.suppress(KeyboardInterrupt):
-            if phase != "update" and self.cursor.step > 0:
+        with contextlib.suppress(KeyboardInterrupt):  # ranks may be mid-collective: no save
+            if phase != "update" and self.cursor.step > 0 and not self.place.active:
                 if phase == "after":
                     self.boundary_rng = rng_state()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -488,7 +598,7 @@ class _Run:
         if self.eval_data and (
             eval_loss is None or not config.eval_every or step % config.eval_every
         ):
-            eval_loss = evaluate(self.model, self.eval_data, config.loss_chunk)
+            eval_loss = evaluate(self.model, self.eval_data, config.loss_chunk, self.place)
             self.log({"step": step, "eval_loss": eval_loss})
         if self.main and self.history:
             _write_plot(self.history, self.out / "loss.png")
@@ -507,6 +617,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     run_dir: RunDirectory | None = None,
+    place: Distributed | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters (its adapters) on ``train_data``.
 
@@ -522,7 +633,11 @@ def train(
         overwrite: start over in a directory that holds an earlier run's outputs (its
             checkpoints are deleted; nothing that is not a qlora run's is ever touched).
         run_dir: the output directory, already claimed by the caller (`claim_output_dir`);
-            by default `train` claims ``config.output_dir`` itself for the call.
+            by default `train` claims ``config.output_dir`` itself for the call. Under
+            torchrun only rank 0 holds it; the other ranks pass None.
+        place: this process's rank and world (`qlora.train.parallel.distributed_session`);
+            None: a single process. Every rank calls `train` with its own share of the data
+            (``train_data`` holds this rank's slice of each global batch).
 
     Returns:
         A `TrainResult`; ``output_dir`` also holds metrics.jsonl, loss.png and checkpoints.
@@ -533,11 +648,22 @@ def train(
             not fit, or Ctrl-C (the message says how to resume).
         OutputDirError: the output directory is not this run's to write (see `run_dir`).
     """
-    owned = None
-    if run_dir is None and _is_main():
-        owned = run_dir = claim_output_dir(config.output_dir, resume=resume, overwrite=overwrite)
+    place = place or Distributed()
+    owned, failure = None, None
+    if run_dir is None and place.is_main:
+        try:
+            owned = run_dir = claim_output_dir(
+                config.output_dir, resume=resume, overwrite=overwrite
+            )
+        except OutputDirError as err:
+            failure = err
+    message = place.broadcast(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:  # the other ranks stop with rank 0's reason
+        raise TrainingError(f"rank 0 could not claim the output directory: {message}")
     try:
-        return _Run(model, config, train_data, eval_data, run_dir, progress).run(resume)
+        return _Run(model, config, train_data, eval_data, run_dir, progress, place).run(resume)
     finally:
         if owned is not None:
             owned.release()

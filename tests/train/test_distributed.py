@@ -1,0 +1,174 @@
+"""Distributed training with two real processes (torchrun, gloo on the CPU).
+
+Every test launches `tests.train.dist_child` under ``python -m torch.distributed.run
+--standalone`` (a rendezvous on 127.0.0.1 with a free port) and compares it with the same
+run in one process holding the whole global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora.models.safetensors_io import SafetensorsReader
+from qlora.train.checkpoint import checkpoint_dirs, load_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch has no torch.distributed"
+)
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 300  # seconds: a hung collective ends the test, not CI
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # the world-1 reference must not think it is a rank
+    return env
+
+
+def _run(out: Path, world: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    child = ["-m", "tests.train.dist_child", str(out), *args]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    command = [sys.executable, *(launcher if world > 1 else []), *child]
+    done = subprocess.run(
+        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    if check and done.returncode != 0:
+        tail = f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        raise AssertionError(f"{' '.join(command)} failed:\n{tail}")
+    return done
+
+
+def _result(out: Path, rank: int = 0) -> tuple[list[float], dict[str, torch.Tensor], dict]:
+    record = json.loads((out / f"rank-{rank}.json").read_text())
+    losses = [h["loss"] for h in record["history"] if "loss" in h]
+    with SafetensorsReader(out / f"rank-{rank}.safetensors") as reader:
+        tensors = {name: reader.get(name).clone() for name in reader.names()}
+    return losses, tensors, record
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= atol, worst
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_ddp_world_2_equals_world_1_with_the_same_global_batch(tmp_path: Path, quant: str) -> None:
+    _run(tmp_path / "w1", 1, "--batch", "4", "--steps", "4", "--quant", quant, "--eval")
+    _run(tmp_path / "w2", 2, "--batch", "2", "--steps", "4", "--quant", quant, "--eval")
+    losses1, adapters1, record1 = _result(tmp_path / "w1")
+    losses2, adapters2, record2 = _result(tmp_path / "w2")
+    assert record2["world"] == 2 and len(losses2) == 4
+    assert losses1[-1] < losses1[0]  # it trains
+    assert max(abs(x - y) for x, y in zip(losses1, losses2, strict=True)) <= 1e-5
+    _assert_close(adapters1, adapters2, 1e-5)
+    assert abs(record1["eval_loss"] - record2["eval_loss"]) <= 1e-5
+    _, adapters_rank1, record_rank1 = _result(tmp_path / "w2", rank=1)
+    _assert_close(adapters2, adapters_rank1, 0.0)  # the ranks hold identical adapters
+    # every rank saw the global loss (times and memory are each rank's own)
+    global_keys = ("step", "loss", "grad_norm", "eval_loss")
+    assert [{k: h.get(k) for k in global_keys} for h in record_rank1["history"]] == [
+        {k: h.get(k) for k in global_keys} for h in record2["history"]
+    ]
+    # rank 0 alone wrote the run's files
+    assert (tmp_path / "w2" / "metrics.jsonl").read_text().count("\n") == 5  # 4 steps + eval
+    assert (tmp_path / "w2" / "loss.png").is_file()
+
+
+@pytest.mark.parametrize("quant", ["nf2", "int8"])
+def test_ddp_with_accumulation_and_checkpointing_on_other_bases(tmp_path: Path, quant: str) -> None:
+    common = ("--accum", "2", "--steps", "3", "--quant", quant, "--grad-ckpt")
+    _run(tmp_path / "w1", 1, "--batch", "4", *common)
+    _run(tmp_path / "w2", 2, "--batch", "2", *common)
+    losses1, adapters1, _ = _result(tmp_path / "w1")
+    losses2, adapters2, _ = _result(tmp_path / "w2")
+    assert max(abs(x - y) for x, y in zip(losses1, losses2, strict=True)) <= 1e-5
+    _assert_close(adapters1, adapters2, 1e-5)
+
+
+def test_sigkill_of_one_rank_then_resume_continues_identically(tmp_path: Path) -> None:
+    args = ("--batch", "2", "--steps", "6", "--save-every", "2")
+    _run(tmp_path / "whole", 2, *args)
+    # rank 1 dies while fetching step 5's batch: checkpoints 2 and 4 exist, 4 is whole
+    killed = _run(tmp_path / "run", 2, *args, "--kill-at-batch", "5", check=False)
+    assert killed.returncode != 0
+    assert [step for step, _ in checkpoint_dirs(tmp_path / "run")] == [2, 4]
+    _run(tmp_path / "run", 2, *args, "--resume")
+    whole_losses, whole_adapters, _ = _result(tmp_path / "whole")
+    losses, adapters, _ = _result(tmp_path / "run")
+    assert losses == whole_losses  # the history up to step 4 comes from the checkpoint
+    _assert_close(adapters, whole_adapters, 0.0)
+
+
+def test_a_world_2_checkpoint_resumes_at_world_1(tmp_path: Path) -> None:
+    _run(tmp_path / "whole", 2, "--batch", "2", "--steps", "4")
+    _run(tmp_path / "run", 2, "--batch", "2", "--steps", "2", "--save-every", "1")
+    _, state = load_checkpoint(checkpoint_dirs(tmp_path / "run")[-1][1])
+    assert state["world_size"] == 2 and state["global_batch"] == 4
+    assert len(state["rng_ranks"]) == 2
+    # at world 1 the global batch must stay 4: a batch of 2 is refused with the fix
+    refused = _run(tmp_path / "run", 1, "--batch", "2", "--steps", "4", "--resume", check=False)
+    assert refused.returncode != 0 and "train.batch_size=4" in refused.stderr
+    _run(tmp_path / "run", 1, "--batch", "4", "--steps", "4", "--resume")
+    whole_losses, whole_adapters, _ = _result(tmp_path / "whole")
+    losses, adapters, _ = _result(tmp_path / "run")
+    assert max(abs(x - y) for x, y in zip(losses, whole_losses, strict=True)) <= 1e-5
+    _assert_close(adapters, whole_adapters, 1e-5)
+
+
+def test_parallel_none_under_torchrun_is_refused(tmp_path: Path) -> None:
+    from qlora.train.parallel import Distributed, ParallelError, _resolve_mode
+
+    assert _resolve_mode("auto", 2) == "ddp" and _resolve_mode("none", 1) == "none"
+    with pytest.raises(ParallelError, match=r"train\.parallel=ddp"):
+        _resolve_mode("none", 2)
+    place = Distributed()
+    assert place.all_reduce_sum([1.5, 2]) == [1.5, 2.0] and place.gather(3) == [3]
+    assert place.broadcast("x") == "x" and place.is_main and not place.active
+
+
+def test_torchrun_qlora_train_on_the_default_model(tmp_path: Path) -> None:
+    """The real thing: ``torchrun -m qlora train`` (the recipe) with the default model, nf4."""
+    from qlora.data import make_task_dataset, write_jsonl
+    from qlora.models import REGISTRY, ModelLoadError
+
+    try:
+        REGISTRY["smollm2-135m"].locate()
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+    train_records, _ = make_task_dataset(8, 0, seed=0)
+    write_jsonl(train_records, tmp_path / "train.jsonl")
+    run = tmp_path / "run"
+    overrides = [
+        f"data.path={tmp_path / 'train.jsonl'}",
+        f"train.output_dir={run}",
+        "train.batch_size=1",
+        "train.max_steps=2",
+        "train.warmup_steps=0",
+        "train.save_every=1",
+    ]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "qlora", "train", *(arg for o in overrides for arg in ("--set", o)),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    assert done.stdout.count("trained 2 steps") == 1  # rank 0 speaks for the job
+    assert done.stdout.count("trainable params") == 1
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # one writer
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2]  # data.eval_fraction's share
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "config.yaml").is_file() and (run / "loss.png").is_file()
+    _, state = load_checkpoint(checkpoint_dirs(run)[-1][1])
+    assert state["world_size"] == 2 and state["global_batch"] == 2
