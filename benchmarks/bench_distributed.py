@@ -6,8 +6,9 @@ is absent, on generated task data: the script says which), the same global batch
 arm. The arms, each a fresh ``qlora train`` in its own process(es), in one invocation:
 
     world1   python -m qlora train, one process with OMP_NUM_THREADS = the cores given
-    world2   torchrun --standalone --nproc-per-node 2 -m qlora train (train.parallel ddp),
+    ddp2     torchrun --standalone --nproc-per-node 2 -m qlora train (train.parallel ddp),
              OMP_NUM_THREADS = cores / 2 per rank
+    fsdp2    the same with train.parallel fsdp (the packed base sharded and all-gathered)
 
 Per arm: the median optimizer-step time over the steps after the first (from metrics.jsonl's
 ``elapsed_s``), global examples per second from it, the loss of every step (the two worlds
@@ -53,11 +54,14 @@ def _data(requested: str | None, work: Path) -> tuple[list[str], str]:
     return [f"data.path={work / 'task.jsonl'}", "data.format=auto"], note
 
 
-def _arm(world: int, args: argparse.Namespace, data: list[str], work: Path) -> dict[str, Any]:
-    out = work / f"world{world}"
+def _arm(
+    world: int, parallel: str, args: argparse.Namespace, data: list[str], work: Path
+) -> dict[str, Any]:
+    out = work / f"{parallel}{world}"
     per_rank = args.batch // world
     overrides = [
         *data,
+        f"train.parallel={parallel}",
         f"train.output_dir={out}",
         f"train.batch_size={per_rank}",
         "train.grad_accum=1",
@@ -86,6 +90,7 @@ def _arm(world: int, args: argparse.Namespace, data: list[str], work: Path) -> d
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(steps)]
     step_s = statistics.median(times)
     return {
+        "arm": f"{parallel}{world}" if world > 1 else "world1",
         "world": world,
         "threads_per_rank": max(1, args.cores // world),
         "batch_per_rank": per_rank,
@@ -93,6 +98,8 @@ def _arm(world: int, args: argparse.Namespace, data: list[str], work: Path) -> d
         "examples_per_s": args.batch / step_s,
         "losses": [r["loss"] for r in steps],
         "peak_mb_max_rank": steps[-1].get("memory_mb_max_rank", steps[-1]["memory_mb"]),
+        "allgather_mb_per_step": steps[-1].get("allgather_mb"),
+        "allgather_vs_bf16": steps[-1].get("allgather_vs_bf16"),
         "wall_s": wall,
     }
 
@@ -110,7 +117,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_distributed_") as tmp:
         work = Path(tmp)
         data, note = _data(args.data, work)
-        results = [_arm(world, args, data, work) for world in (1, 2)]
+        arms = [(1, "auto"), (2, "ddp"), (2, "fsdp")]
+        results = [_arm(world, parallel, args, data, work) for world, parallel in arms]
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")), "unknown CPU"
@@ -121,20 +129,27 @@ def main() -> None:
         f"{args.steps} steps; data: {note}"
     )
     print(header)
-    print("| arm | threads/rank | step s (median) | examples/s | fullest rank's peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| arm | threads/rank | step s (median) | examples/s | fullest rank's peak RSS MiB "
+          "| all-gathered MiB/step (x bf16 base) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| world {r['world']} | {r['threads_per_rank']} | {r['step_s']:.2f} | "
-              f"{r['examples_per_s']:.2f} | {r['peak_mb_max_rank']:.0f} |")  # fmt: skip
-    one, two = results
-    drift = max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True))
-    speed = two["examples_per_s"] / one["examples_per_s"]
-    memory = two["peak_mb_max_rank"] / one["peak_mb_max_rank"]
-    ratios = [
-        f"world 2 / world 1 examples/s: {speed:.2f}x",
-        f"world 2 / world 1 peak memory per rank: {memory:.2f}x",
-        f"largest per-step loss difference between the worlds: {drift:.2e}",
-    ]
+        gathered = (
+            f"{r['allgather_mb_per_step']:.0f} ({r['allgather_vs_bf16']:.2f}x)"
+            if r["allgather_mb_per_step"] is not None
+            else "-"
+        )
+        speed = f"{r['step_s']:.2f} | {r['examples_per_s']:.2f}"
+        print(f"| {r['arm']} | {r['threads_per_rank']} | {speed} | "
+              f"{r['peak_mb_max_rank']:.0f} | {gathered} |")  # fmt: skip
+    one, ratios = results[0], []
+    for other in results[1:]:
+        drift = max(abs(a - b) for a, b in zip(one["losses"], other["losses"], strict=True))
+        speed = other["examples_per_s"] / one["examples_per_s"]
+        memory = other["peak_mb_max_rank"] / one["peak_mb_max_rank"]
+        ratios += [
+            f"{other['arm']} / world1 examples/s: {speed:.2f}x; peak memory per rank "
+            f"{memory:.2f}x; largest per-step loss difference {drift:.2e}"
+        ]
     print("\n".join(ratios))
     print(json.dumps({"header": header, "arms": results, "ratios": ratios}))
 

@@ -9,6 +9,7 @@ the files, and every rank trains on its slice of each global batch (`qlora.train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from qlora.config import RunConfig, check_data_files
 from qlora.devices import resolve_device
 from qlora.files import atomic_write
 from qlora.nn import add_lora, init_loftq, trainable_report
+from qlora.train.fsdp import gathered_trainable
 from qlora.train.parallel import Distributed, distributed_session, rank_slice
 from qlora.train.run_dir import OutputDirError, RunDirectory, claim_output_dir
 
@@ -177,16 +179,15 @@ def _run_in(
         run_dir=run_dir,
         place=place,
     )
-    out = Path(config.train.output_dir)
-    adapter_dir = out / "adapter"
-    if run_dir is not None and main:  # the adapters are the same on every rank
-        adapter_dir = Path(
+    adapter_dir = Path(config.train.output_dir) / "adapter"
+    # DDP: the adapters are the same on every rank; FSDP: gathered from the shards first
+    with gathered_trainable(model) if place.mode == "fsdp" else contextlib.nullcontext():
+        if run_dir is not None and main:
             save_adapter(
                 model,
-                out / "adapter",
+                adapter_dir,
                 base_model_name_or_path=config.model.source,
                 dtype=config.train.adapter_dtype,
             )
-        )
     place.barrier()  # no rank returns (and tears the group down) before the adapter exists
     return RunResult(model, tokenizer, result, adapter_dir, summary, place.rank)

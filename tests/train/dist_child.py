@@ -8,6 +8,8 @@ layer, random token data of uneven lengths through the recipe's own `EpochBatche
 batches, each rank its slice). Each rank writes ``OUT/rank-<r>.json`` (its per-step history)
 and ``OUT/rank-<r>.safetensors`` (its adapters). ``--kill-at-batch N``: rank ``--kill-rank``
 SIGKILLs itself when it collates its N-th batch, as a user's kill -9 of one worker would.
+``--parallel fsdp`` also records the rank's resident frozen bytes and, after training,
+whether every layer's packed codes and scales, all-gathered, equal the bytes it started with.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from qlora.config import TrainConfig
 from qlora.data import BatchLoader
 from qlora.data.encode import Example
 from qlora.models.safetensors_io import write_safetensors
+from qlora.nn.qlinear import QuantLinear
 from qlora.recipe import EpochBatches
+from qlora.train.fsdp import full_tensors, resident_base_bytes
 from qlora.train.parallel import distributed_session
 from qlora.train.trainer import train
 from tests.tiny_models import tiny_llama
@@ -73,6 +77,27 @@ class KillingBatches(EpochBatches):
         return _Counting(super().epoch(epoch), self)
 
 
+def _gathered_equal(model: torch.nn.Module, packed: dict[str, torch.Tensor]) -> bool:
+    """All-gather each layer (FSDP2's ``unshard``) and compare its codes and scales bitwise."""
+    equal = True
+    for block in model.model.layers:
+        block.unshard()
+        for layer in block.modules():
+            if isinstance(layer, QuantLinear):
+                for key in QuantLinear.SHARDABLE:
+                    full = getattr(layer, key, None)
+                    if full is None:
+                        continue
+                    prefix = next(n for n, m in model.named_modules() if m is layer)
+                    want = packed[f"{prefix}.{key}"]
+                    same = full.dtype == want.dtype and torch.equal(
+                        full.detach().view(torch.uint8), want.view(torch.uint8)
+                    )
+                    equal = equal and same
+        block.reshard()
+    return equal
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
@@ -86,11 +111,17 @@ def main() -> None:
     parser.add_argument("--kill-at-batch", type=int, default=None)
     parser.add_argument("--kill-rank", type=int, default=1)
     parser.add_argument("--eval", action="store_true", help="also evaluate on 5 examples")
+    parser.add_argument("--parallel", default="auto", choices=["auto", "ddp", "fsdp"])
+    parser.add_argument("--hidden", type=int, default=64, help="> 64: a wider, tied model")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    with distributed_session("auto", torch.device("cpu")) as place:
-        model = tiny_llama(vocab=VOCAB, seed=0).train()
+    with distributed_session(args.parallel, torch.device("cpu")) as place:
+        if args.hidden > 64:  # where the decoder layers, not the embedding, hold the bytes
+            sizes = {"hidden": args.hidden, "intermediate": 2 * args.hidden, "tied": True}
+            model = tiny_llama(vocab=VOCAB, seed=0, **sizes).train()
+        else:
+            model = tiny_llama(vocab=VOCAB, seed=0).train()
         if args.quant != "none":
             model = quantize_model(model, QuantConfig(kind=args.quant))
         torch.manual_seed(1)  # the adapters' initialization (B random: the gradients of A count)
@@ -99,6 +130,13 @@ def main() -> None:
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.02)
+        packed = {  # the stored codes and scales as loaded, to compare after the gathers
+            f"{name}.{key}": getattr(layer, key).clone()
+            for name, layer in model.named_modules()
+            if isinstance(layer, QuantLinear)
+            for key in QuantLinear.SHARDABLE
+            if getattr(layer, key, None) is not None
+        }
         loader = BatchLoader(examples(), args.batch * place.world_size, 0, seed=3)
         data = KillingBatches(loader, place, args.batch)
         data.kill_at = args.kill_at_batch
@@ -107,6 +145,7 @@ def main() -> None:
         if args.eval:
             eval_batches = list(BatchLoader(examples(5, seed=11), 2, 0, shuffle=False))
         config = TrainConfig(
+            parallel=args.parallel,
             output_dir=args.output_dir,
             batch_size=args.batch,
             grad_accum=args.accum,
@@ -121,15 +160,19 @@ def main() -> None:
             model, config, data, eval_batches, resume=args.resume, progress=False, place=place
         )
         out = Path(args.output_dir)
-        trained = {
-            n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad
-        }
+        trained = full_tensors(  # FSDP: the shards gathered (every rank takes part)
+            {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        )
+        trained = {n: t.contiguous() for n, t in trained.items()}
         write_safetensors(out / f"rank-{place.rank}.safetensors", trained, {})
         record = {
             "history": result.history,
             "eval_loss": result.eval_loss,
             "world": place.world_size,
+            "resident_frozen_bytes": resident_base_bytes(model),
         }
+        if place.mode == "fsdp":
+            record["packed_equal_after_gather"] = _gathered_equal(model, packed)
         (out / f"rank-{place.rank}.json").write_text(json.dumps(record))
 
 

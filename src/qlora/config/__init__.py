@@ -58,7 +58,7 @@ T = TypeVar("T")
 # How a saved adapter stores A and B: a float dtype (plain PEFT files) or our blockwise int8
 # (qlora.adapters.peft_format documents the layout; only qlora reads it back).
 AdapterDtype = Literal[DtypeName, "int8"]
-ParallelMode = Literal["auto", "none", "ddp"]  # qlora.train.parallel says what each does
+ParallelMode = Literal["auto", "none", "ddp", "fsdp"]  # see qlora.train.parallel
 
 TargetModules = str | list[str]
 
@@ -250,8 +250,10 @@ class TrainConfig:
             "bfloat16" or "float16" (plain PEFT files, half the size), or "int8" (blockwise
             absmax, about a quarter; only qlora loads it). Checkpoints stay float32.
         parallel: how a torchrun job of several processes splits the work: "ddp" (each rank
-            a whole model, the adapters' gradients all-reduced), "auto" (ddp when torchrun
-            started more than one process), "none" (refuses to run under such a job). A plain
+            a whole model, the adapters' gradients all-reduced), "fsdp" (FSDP2: the k-bit base,
+            the adapters and the optimizer state sharded across ranks; the base travels as its
+            packed bytes; needs train.optim=adamw), "auto" (ddp when torchrun started more
+            than one process), "none" (refuses to run under such a job). A plain
             ``qlora train`` is one process whatever this says. ``batch_size`` is per rank:
             the global batch is batch_size x grad_accum x world size. See qlora.train.parallel.
     """

@@ -192,6 +192,8 @@ class QuantLinear(nn.Module):
         }
         for name in list(self._buffers):
             del self._buffers[name]
+        for name in self.SHARDABLE:  # held as parameters for FSDP2 (storage_as_parameters)
+            self._parameters.pop(name, None)
         self.register_buffer("weight", state.packed, persistent=False)
         self.register_buffer("weight_absmax", state.absmax, persistent=False)
         self.register_buffer("weight_code", state.code, persistent=False)
@@ -199,6 +201,23 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_nested_absmax", state.nested.absmax, persistent=False)
             self.register_buffer("weight_nested_code", state.nested.code, persistent=False)
             self.register_buffer("weight_nested_offset", state.nested.offset, persistent=False)
+
+    # The per-weight tensors (the packed codes, the block scales, the nested scales): what
+    # grows with the layer. The codebooks and the nested offset are small and stay buffers.
+    SHARDABLE = ("weight", "weight_absmax", "weight_nested_absmax")
+
+    def storage_as_parameters(self) -> None:
+        """Hold the packed codes and scales as frozen ``nn.Parameter``s instead of buffers.
+
+        For FSDP2 (`qlora.train.parallel`), which shards and all-gathers parameters only: the
+        tensors keep their dtype (uint8 codes stay uint8; FSDP2 gathers a group of mixed
+        dtypes as bytes), nothing is copied or converted, and ``quant_state`` reads them by
+        name as before, so it sees whatever tensor FSDP2 has put in place.
+        """
+        for name in self.SHARDABLE:
+            tensor = self._buffers.pop(name, None)
+            if tensor is not None:
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
     @property
     def quant_state(self) -> QuantState:

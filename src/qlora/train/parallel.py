@@ -15,6 +15,9 @@ How the work is split (``train.parallel``):
   overlapped with the backward. The frozen base is not broadcast at start (``init_sync`` off:
   every rank loaded the same file); the adapters are broadcast from rank 0 instead, so the
   ranks start from identical adapters whatever their RNG did.
+* ``fsdp``: FSDP2's ``fully_shard`` per decoder layer; the k-bit base is sharded and
+  gathered as its packed bytes (`qlora.train.fsdp`), the adapters and their optimizer state
+  sharded too.
 
 Data: ``train.batch_size`` is per rank, as Hugging Face's per-device batch size. Each step's
 global batch of ``world × batch_size`` examples is drawn exactly as a single process with
@@ -89,7 +92,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    mode: Literal["none", "ddp"] = "none"
+    mode: Literal["none", "ddp", "fsdp"] = "none"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -141,16 +144,16 @@ class Distributed:
             dist.barrier()
 
 
-def _resolve_mode(mode: ParallelMode, world: int) -> Literal["none", "ddp"]:
+def _resolve_mode(mode: ParallelMode, world: int) -> Literal["none", "ddp", "fsdp"]:
     if world == 1:
         return "none"
     if mode == "none":
         raise ParallelError(
             f"train.parallel=none, but torchrun started {world} processes: each would train "
-            "alone and write the same files. Set train.parallel=ddp, or run "
+            "alone and write the same files. Set train.parallel=ddp (or fsdp), or run "
             "without torchrun"
         )
-    return "ddp"
+    return "fsdp" if mode == "fsdp" else "ddp"
 
 
 @contextlib.contextmanager
@@ -181,6 +184,8 @@ def distributed_session(mode: ParallelMode, device: torch.device) -> Iterator[Di
         )
     try:
         yield Distributed(rank, world, local, resolved, device)
+        if owned:
+            dist.barrier()  # every rank's last collective is done before the group goes
     finally:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
@@ -220,7 +225,9 @@ def wrap_for_training(model: nn.Module, loss_fn: Any, place: Distributed) -> nn.
     """The module the trainer calls for a micro-batch's loss: ``module(batch, chunk)``.
 
     World 1: `TrainingModule` itself. DDP: that module under ``DistributedDataParallel``,
-    reducing the trainable parameters' gradients only.
+    reducing the trainable parameters' gradients only. FSDP: ``model`` sharded in place
+    (`qlora.train.fsdp.shard_for_training`; its parameters become DTensors) and that module
+    the root of the shards.
     """
     module = TrainingModule(model, loss_fn)
     if place.mode == "none":
@@ -233,4 +240,39 @@ def wrap_for_training(model: nn.Module, loss_fn: Any, place: Distributed) -> nn.
             broadcast_buffers=False,  # frozen buffers (the packed base) never change
             init_sync=False,  # every rank loaded the same base; adapters broadcast above
         )
-    raise ParallelError(f"train.parallel={place.mode}: unknown; choose none or ddp")
+    if place.mode == "fsdp":
+        from qlora.train.fsdp import shard_for_training
+
+        try:
+            return shard_for_training(module, model, place.world_size)
+        except ValueError as err:
+            raise ParallelError(str(err)) from None
+    raise ParallelError(f"train.parallel={place.mode}: unknown; choose none, ddp or fsdp")
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block, DDP / FSDP2 reduce gradients only when ``enabled`` (accumulation)."""
+    if enabled:
+        yield
+        return
+    no_sync = getattr(module, "no_sync", None)  # DDP
+    if no_sync is not None:
+        with no_sync():
+            yield
+        return
+    set_sync = getattr(module, "set_requires_gradient_sync", None)  # FSDP2
+    if set_sync is None:
+        yield
+        return
+    set_sync(False)
+    try:
+        yield
+    finally:
+        set_sync(True)
+
+
+def as_float(value: torch.Tensor | float) -> float:
+    """A scalar that may be a DTensor (a sharded norm) as a Python float."""
+    full = getattr(value, "full_tensor", None)
+    return float(full() if full is not None else value)

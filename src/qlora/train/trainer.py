@@ -58,8 +58,9 @@ from qlora.train.checkpoint import (
     set_rng_state,
     trainable_state,
 )
+from qlora.train.fsdp import full_tensors, gathered_bytes, shard_like
 from qlora.train.loss import IGNORE_INDEX, causal_lm_loss
-from qlora.train.parallel import Distributed, wrap_for_training
+from qlora.train.parallel import Distributed, as_float, gradient_sync, wrap_for_training
 from qlora.train.run_dir import OutputDirError, RunDirectory, claim_output_dir
 from qlora.train.schedule import lr_lambda
 
@@ -103,6 +104,11 @@ def _stream(data: EpochBatches | Sequence[Batch], epoch: int, index: int) -> Ite
         epoch, index = epoch + 1, 0
 
 
+def _blank(batch: Batch) -> Batch:
+    """``batch`` with every label ignored: a forward that adds nothing (keeps ranks in step)."""
+    return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
+
+
 def _labelled(batch: Batch) -> int:
     return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
 
@@ -126,18 +132,26 @@ def evaluate(
     batches: Sequence[Batch],
     chunk: int = 1024,
     place: Distributed | None = None,
+    loss_model: Any = None,
 ) -> float:
     """Mean next-token loss per labelled token over ``batches`` (eval mode restored after).
 
     With ``place`` a world of N ranks, rank r evaluates batches r, r + N, ... and the sums
-    are all-reduced: every rank returns the loss over all of ``batches``.
+    are all-reduced: every rank returns the loss over all of ``batches``. ``loss_model``: the
+    trainer's wrapped loss computation (needed under FSDP, whose root gathers the weights).
     """
     place = place or Distributed()
+    compute = loss_model or (lambda batch, chunk: _forward(model, batch, chunk))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches[place.rank :: place.world_size]:
-        loss, n = _forward(model, batch, chunk)
+    mine = list(batches[place.rank :: place.world_size])
+    rounds = len(mine)
+    if place.mode == "fsdp":  # every rank must run as many forwards (they all-gather)
+        rounds = -(-len(batches) // place.world_size)
+    for i in range(rounds):
+        batch = mine[i] if i < len(mine) else _blank(batches[0])
+        loss, n = compute(batch, chunk)
         total, count = total + float(loss.detach()), count + n
     model.train(was_training)
     total, count = place.all_reduce_sum([total, count])
@@ -160,13 +174,17 @@ def _say(message: str) -> None:
 
 
 def _enable_checkpointing(model: nn.Module, place: Distributed) -> None:
+    # Under DDP it must be non-reentrant (the reentrant form fails with "mark a variable
+    # ready only once"); transformers' activation_checkpointing_enable is by default.
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs) if place.active else enable()
+        return
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if enable is None:
         raise TrainingError(f"{type(model).__name__} does not support gradient checkpointing")
-    if place.active:  # reentrant checkpointing breaks DDP ("mark a variable ready only once")
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        enable()
+    enable(gradient_checkpointing_kwargs=kwargs) if place.active else enable()
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -233,11 +251,17 @@ class _Run:
         self.eval_data, self.place = eval_data, place
         self.run_dir, self.main = run_dir, run_dir is not None and place.is_main
         self.out = Path(config.output_dir)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise TrainingError("the model has no trainable parameters: call qlora.add_lora first")
-        self.device = self.params[0].device
+        if place.mode == "fsdp" and config.optim != "adamw":
+            raise TrainingError(
+                f"train.parallel=fsdp works with train.optim=adamw (torch's AdamW on sharded "
+                f"parameters); {config.optim} keeps its own state layout: use adamw, or ddp"
+            )
         self.loss_model = wrap_for_training(model, _forward, place)
+        # after wrapping: FSDP2 replaces the parameters with sharded ones
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
         per_epoch = len(_batches(train_data, 0))
         if per_epoch == 0:
             raise TrainingError("the training data has no batches")
@@ -259,6 +283,7 @@ class _Run:
         self.history: list[dict[str, float]] = []
         self.progress = progress
         self.saved_step = 0  # the newest step with a checkpoint on disk
+        self.gathered = (0, 0)  # bytes all-gathered so far, and with a bf16 base (FSDP)
         self.boundary_rng: dict[str, Any] = {}
 
     def _optimizer_dir(self) -> Path:
@@ -340,9 +365,14 @@ class _Run:
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
-                named[name].copy_(value)
+                named[name].copy_(shard_like(value, named[name]))
         try:
             self.optimizer.load_state_dict(state["optimizer"])
+            for param in self.params:  # FSDP: the moments as shards of their parameter
+                moments = self.optimizer.state.get(param, {})
+                for key, value in moments.items():
+                    if isinstance(value, torch.Tensor):
+                        moments[key] = shard_like(value, param)
             self.scheduler.load_state_dict(state["scheduler"])
             self._restore_rng(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
@@ -413,9 +443,7 @@ class _Run:
         count = int(count)
         step_loss, tokens = 0.0, 0
         for i, (_, _, batch) in enumerate(micro):
-            last = i == len(micro) - 1
-            no_sync = getattr(self.loss_model, "no_sync", None)
-            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            with gradient_sync(self.loss_model, enabled=i == len(micro) - 1):
                 loss, _ = self.loss_model(batch, self.config.loss_chunk)
                 scaled = loss / max(count, 1)
                 (scaled * world if world > 1 else scaled).backward()
@@ -436,7 +464,7 @@ class _Run:
         """Clip, step the optimizer and the schedule; advance the cursor. Returns the norm."""
         config = self.config
         grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
+            as_float(torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm))
             if config.max_grad_norm > 0
             else float("nan")
         )
@@ -456,12 +484,15 @@ class _Run:
         if self.saved_step == self.cursor.step:
             return
         rngs = self.place.gather(self.boundary_rng) if self.place.active else None
+        trainable, optimizer = trainable_state(self.model), self.optimizer.state_dict()
+        if self.place.mode == "fsdp":  # full tensors: one file, any world size can resume
+            trainable, optimizer = full_tensors(trainable), full_tensors(optimizer)
         if self.run_dir is None or not self.main:
             self.saved_step = self.cursor.step
             return
         state = {
-            "trainable": trainable_state(self.model),
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": self.boundary_rng,
             "step": self.cursor.step,
@@ -548,9 +579,18 @@ class _Run:
                     (record["memory_mb_max_rank"],) = self.place.all_reduce_max(
                         [record["memory_mb"]]
                     )
+                if self.place.mode == "fsdp":  # what this rank all-gathered in the step
+                    moved, bf16 = gathered_bytes(self.loss_model)
+                    record["allgather_mb"] = (moved - self.gathered[0]) / 2**20
+                    record["allgather_vs_bf16"] = (moved - self.gathered[0]) / max(
+                        bf16 - self.gathered[1], 1
+                    )
+                    self.gathered = (moved, bf16)
                 step = self.cursor.step
                 if self.eval_data and config.eval_every and step % config.eval_every == 0:
-                    eval_loss = evaluate(self.model, self.eval_data, config.loss_chunk, self.place)
+                    eval_loss = self.evaluate()
+                    if self.place.mode == "fsdp":  # not the step's traffic
+                        self.gathered = gathered_bytes(self.loss_model)
                     record["eval_loss"] = eval_loss
                 self.log(record, board)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -562,6 +602,12 @@ class _Run:
             except KeyboardInterrupt:
                 self.interrupted(phase)
         return self.finish(eval_loss, last_loss, time.perf_counter() - start, tokens_seen)
+
+    def evaluate(self) -> float:
+        assert self.eval_data is not None
+        return evaluate(
+            self.model, self.eval_data, self.config.loss_chunk, self.place, self.loss_model
+        )
 
     def interrupted(self, phase: str) -> None:
         """Ctrl-C: save the last completed step if the state is whole, then say how to resume.
@@ -598,7 +644,7 @@ class _Run:
         if self.eval_data and (
             eval_loss is None or not config.eval_every or step % config.eval_every
         ):
-            eval_loss = evaluate(self.model, self.eval_data, config.loss_chunk, self.place)
+            eval_loss = self.evaluate()
             self.log({"step": step, "eval_loss": eval_loss})
         if self.main and self.history:
             _write_plot(self.history, self.out / "loss.png")
