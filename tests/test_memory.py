@@ -261,3 +261,35 @@ def test_cli_estimate_bad_model_is_one_line(capsys: pytest.CaptureFixture[str]) 
     assert main(["estimate", "--model", "9b"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'9b'" in err
+
+
+def test_estimate_per_rank_under_ddp_and_fsdp() -> None:
+    from qlora.memory import estimate
+
+    settings = {"batch": 1, "seq_len": 2048, "grad_ckpt": True}
+    one = estimate("70b", "qlora-4", **settings)
+    assert estimate("70b", "qlora-4", world_size=1, parallel="fsdp", **settings) == one
+    ddp = estimate("70b", "qlora-4", world_size=2, parallel="ddp", **settings)
+    assert ddp.weights == one.weights and ddp.gradients == 2 * one.gradients  # + buckets
+    fsdp2 = estimate("70b", "qlora-4", world_size=2, parallel="fsdp", **settings)
+    fsdp8 = estimate("70b", "qlora-4", world_size=8, parallel="fsdp", **settings)
+    assert one.weights / 2 < fsdp2.weights < 0.6 * one.weights  # half + the gathered layers
+    assert fsdp2.optimizer_states == one.optimizer_states // 2
+    assert fsdp8.total < fsdp2.total < one.total
+    assert fsdp2.activations == one.activations  # batch is per rank
+    offload = estimate(
+        "70b", "qlora-4", world_size=2, parallel="fsdp", cpu_offload=True, **settings
+    )
+    assert offload.total < fsdp2.total / 3 and offload.offloaded > one.weights / 2
+    assert "per rank of 2 (fsdp)" in str(fsdp2)
+    with pytest.raises(ConfigError, match="cpu_offload"):
+        estimate("70b", "qlora-4", world_size=2, parallel="ddp", cpu_offload=True)
+    with pytest.raises(ConfigError, match="parallel"):
+        estimate("70b", "qlora-4", world_size=2, parallel="zero3")  # type: ignore[arg-type]
+
+
+def test_estimate_cli_world_size(capsys: pytest.CaptureFixture[str]) -> None:
+    from qlora.cli import main
+
+    assert main(["estimate", "--model", "70b", "--world-size", "4", "--parallel", "fsdp"]) == 0
+    assert "per rank of 4 (fsdp)" in capsys.readouterr().out

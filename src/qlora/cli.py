@@ -176,7 +176,12 @@ def _estimate(args: argparse.Namespace) -> int:
         )
         print(sizes_table(**settings))
     else:
-        print(estimate(args.model, args.method, **settings))
+        parallel = {
+            "world_size": args.world_size,
+            "parallel": args.parallel,
+            "cpu_offload": args.cpu_offload,
+        }
+        print(estimate(args.model, args.method, **settings, **parallel))
     return 0
 
 
@@ -623,6 +628,9 @@ def _add_estimate(commands: Any) -> None:
     _param_option(est, "--chunked-loss", estimate, "chunked_loss")
     _param_option(est, "--compute-dtype", estimate, "compute_dtype")
     _param_option(est, "--device", estimate, "device")
+    _param_option(est, "--world-size", estimate, "world_size")
+    _param_option(est, "--parallel", estimate, "parallel")
+    _param_option(est, "--cpu-offload", estimate, "cpu_offload")
     est.add_argument("--sizes", action="store_true", help="table across sizes x methods")
     est.add_argument(
         "--compare-table",

@@ -12,7 +12,7 @@ import os
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -112,6 +112,8 @@ class MemoryEstimate:
     peak_phase: str = ""
     saved_for_backward: int = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    world_size: int = 1
+    parallel: str = "none"
 
     @property
     def total(self) -> int:
@@ -138,15 +140,17 @@ class MemoryEstimate:
             ("total", self.total),
         ]
         if self.offloaded:
-            rows.append(("paged optimizer (off-device)", self.offloaded))
+            label = "off-device (host memory)" if self.parallel == "fsdp" else "paged optimizer"
+            rows.append((f"{label}", self.offloaded))
         return rows
 
     def __str__(self) -> str:
         ckpt = "gradient checkpointing" if self.grad_ckpt else "no gradient checkpointing"
         loss = "chunked loss" if self.chunked_loss else "full logits"
+        where = f"; per rank of {self.world_size} ({self.parallel})" if self.world_size > 1 else ""
         lines = [
             f"{self.model}: {self.method}, {self.params / 1e9:.3g}B params "
-            f"({self.trainable_params / 1e6:.4g}M trainable)",
+            f"({self.trainable_params / 1e6:.4g}M trainable){where}",
             f"batch {self.batch} x seq {self.seq_len}, r={self.rank}, {self.optimizer}, {ckpt}, "
             f"{self.compute_dtype} compute on {self.device}, {loss}",
         ]
@@ -386,6 +390,63 @@ def _parameter_memory(
     return _ParameterMemory(adapters, gradients, resident, offloaded, (note,))
 
 
+def _per_rank(
+    memory: _ParameterMemory,
+    frozen: int,
+    root: int,
+    layers: int,
+    world: int,
+    parallel: str,
+    cpu_offload: bool,
+) -> tuple[int, _ParameterMemory]:
+    """(weights, parameter memory) of one rank of ``world`` (docs/distributed.md).
+
+    DDP: the whole model on every rank, plus its gradient buckets (a second copy of the
+    adapters' gradients, reduced in place). FSDP2: 1/N of every sharded tensor; the root
+    group (embeddings, final norm, head: ``root`` bytes) stays gathered for the step and two
+    decoder layers are gathered at once (the one running and the one prefetched), with one
+    layer's full gradients alive while they are reduce-scattered. ``cpu_offload``: the shards
+    (base, adapters, gradients, optimizer states) live in host memory; the device holds what
+    is gathered.
+    """
+    if world == 1:
+        return frozen, memory
+    if parallel == "ddp":
+        buckets = memory.gradients / GiB
+        note = f"DDP: every rank holds the whole model; +{buckets:.3g} GiB of gradient buckets"
+        grads = 2 * memory.gradients
+        return frozen, _ParameterMemory(
+            memory.adapters, grads, memory.optimizer_states, memory.offloaded, (*memory.notes, note)
+        )
+    layer = (frozen - root) / max(layers, 1)
+    gathered = root + 2 * layer  # the root group and two layers, unsharded
+    adapter_layer = memory.adapters / max(layers, 1)
+    shards = (frozen / world, memory.adapters / world, memory.gradients / world)
+    states = memory.optimizer_states / world
+    note = (
+        f"FSDP over {world} ranks: 1/{world} of the base, adapters, gradients and optimizer "
+        f"states; gathered at once: the root group and two decoder layers "
+        f"({gathered / GiB:.3g} GiB)"
+    )
+    if cpu_offload:
+        offloaded = sum(shards) + states + memory.offloaded
+        return math.ceil(gathered), _ParameterMemory(
+            math.ceil(2 * adapter_layer),
+            math.ceil(adapter_layer),
+            0,
+            math.ceil(offloaded),
+            (*memory.notes, note, "cpu_offload: the shards live in host memory (not in the "
+             "total); qlora's trainer does not offload yet: this is FSDP2's CPUOffloadPolicy"),
+        )  # fmt: skip
+    return math.ceil(shards[0] + gathered), _ParameterMemory(
+        math.ceil(shards[1] + 2 * adapter_layer),
+        math.ceil(shards[2] + adapter_layer),
+        math.ceil(states),
+        memory.offloaded,
+        (*memory.notes, note),
+    )
+
+
 @dataclass(frozen=True)
 class _Peak:
     """§2-§6: the larger of the two candidate peaks, split into the estimate's terms."""
@@ -482,6 +543,9 @@ def estimate(
     lora_dropout: float | None = None,
     attention: Attention | None = None,
     loss_chunk_tokens: int = 1024,
+    world_size: int = 1,
+    parallel: Literal["ddp", "fsdp"] = "ddp",
+    cpu_offload: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one fine-tuning step.
 
@@ -509,6 +573,11 @@ def estimate(
         attention: "sdpa" or "eager" (default: the module's configured implementation, else
             "sdpa").
         loss_chunk_tokens: tokens per chunk of the chunked loss.
+        world_size: ranks of a torchrun job; the estimate is then per rank, ``batch`` being
+            each rank's (as ``train.batch_size``).
+        parallel: how the ranks split the work (``train.parallel``): "ddp" (the whole model
+            on each) or "fsdp" (base, adapters, gradients and optimizer states sharded).
+        cpu_offload: with fsdp, the shards kept in host memory (FSDP2's CPUOffloadPolicy).
 
     Returns:
         A `MemoryEstimate`; ``print`` it for a breakdown in GiB.
@@ -526,6 +595,15 @@ def estimate(
         model, shape, method, rank, dropout, compute_dtype, device, attention
     )
     memory = _parameter_memory(params, method, optimizer, settings.device)
+    world = _positive("world_size", world_size)
+    _choice("parallel", parallel, ("ddp", "fsdp"))
+    if cpu_offload and (parallel != "fsdp" or world == 1):
+        raise ConfigError("cpu_offload needs parallel='fsdp' and world_size > 1")
+    root_bytes = shape.other_params() * (4 if settings.compute_dtype == "float32" else 2)
+    root_bytes = min(root_bytes, params.frozen_bytes)
+    weights, memory = _per_rank(
+        memory, params.frozen_bytes, root_bytes, shape.layers, world, parallel, cpu_offload
+    )
     run = _make_run(
         batch,
         seq_len,
@@ -551,7 +629,7 @@ def estimate(
         chunked_loss=chunked_loss,
         params=params.total,
         trainable_params=params.trainable,
-        weights=params.frozen_bytes,
+        weights=weights,
         adapters=memory.adapters,
         gradients=memory.gradients,
         optimizer_states=memory.optimizer_states,
@@ -562,4 +640,6 @@ def estimate(
         peak_phase=peak.phase,
         saved_for_backward=peak.saved_for_backward,
         notes=tuple(notes),
+        world_size=world,
+        parallel=parallel if world > 1 else "none",
     )
