@@ -11,7 +11,8 @@ arm. The arms, each a fresh ``qlora train`` in its own process(es), in one invoc
     fsdp2    the same with train.parallel fsdp (the packed base sharded and all-gathered)
 
 Per arm: the median optimizer-step time over the steps after the first (from metrics.jsonl's
-``elapsed_s``), global examples per second from it, the loss of every step (the two worlds
+``elapsed_s``), global examples per second from it, tokens per second as the trainer counts
+them (every rank's, padding included), the loss of every step (the two worlds
 walk the same examples: the losses agree to float32 summation order), and the peak resident
 memory of the fullest rank (``memory_mb_max_rank``; rank 0's ``memory_mb`` at world 1).
 
@@ -89,6 +90,10 @@ def _arm(
     steps = [r for r in rows if "loss" in r]
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(steps)]
     step_s = statistics.median(times)
+    # the trainer's cumulative count: every rank's tokens, padding included (each rank pads
+    # its own slice, so world 2 carries less padding than world 1 on the same examples)
+    seen = [r["tokens_per_s"] * r["elapsed_s"] for r in steps]
+    tokens_per_s = (seen[-1] - seen[0]) / (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"])
     return {
         "arm": f"{parallel}{world}" if world > 1 else "world1",
         "world": world,
@@ -96,6 +101,7 @@ def _arm(
         "batch_per_rank": per_rank,
         "step_s": step_s,
         "examples_per_s": args.batch / step_s,
+        "tokens_per_s": tokens_per_s,
         "losses": [r["loss"] for r in steps],
         "peak_mb_max_rank": steps[-1].get("memory_mb_max_rank", steps[-1]["memory_mb"]),
         "allgather_mb_per_step": steps[-1].get("allgather_mb"),
@@ -129,16 +135,16 @@ def main() -> None:
         f"{args.steps} steps; data: {note}"
     )
     print(header)
-    print("| arm | threads/rank | step s (median) | examples/s | fullest rank's peak RSS MiB "
-          "| all-gathered MiB/step (x bf16 base) |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| arm | threads/rank | step s (median) | examples/s | tokens/s | fullest rank's peak "
+          "RSS MiB | all-gathered MiB/step (x bf16 base) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         gathered = (
             f"{r['allgather_mb_per_step']:.0f} ({r['allgather_vs_bf16']:.2f}x)"
             if r["allgather_mb_per_step"] is not None
             else "-"
         )
-        speed = f"{r['step_s']:.2f} | {r['examples_per_s']:.2f}"
+        speed = f"{r['step_s']:.2f} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f}"
         print(f"| {r['arm']} | {r['threads_per_rank']} | {speed} | "
               f"{r['peak_mb_max_rank']:.0f} | {gathered} |")  # fmt: skip
     one, ratios = results[0], []
