@@ -83,15 +83,24 @@ def test_ddp_world_2_equals_world_1_with_the_same_global_batch(tmp_path: Path, q
     assert (tmp_path / "w2" / "loss.png").is_file()
 
 
-@pytest.mark.parametrize("quant", ["nf2", "int8"])
-def test_ddp_with_accumulation_and_checkpointing_on_other_bases(tmp_path: Path, quant: str) -> None:
-    common = ("--accum", "2", "--steps", "3", "--quant", quant, "--grad-ckpt")
+@pytest.mark.parametrize(
+    ("parallel", "quant"),
+    [("ddp", "nf2"), ("ddp", "int8"), ("fsdp", "nf2"), ("fsdp", "int8"), ("fsdp", "none")],
+)
+def test_accumulation_and_checkpointing_on_other_bases(
+    tmp_path: Path, parallel: str, quant: str
+) -> None:
+    """Two micro-batches a step (one reduction), non-reentrant checkpointing, each base."""
+    common = ("--accum", "2", "--steps", "2", "--quant", quant, "--grad-ckpt")
     _run(tmp_path / "w1", 1, "--batch", "4", *common)
-    _run(tmp_path / "w2", 2, "--batch", "2", *common)
+    _run(tmp_path / "w2", 2, "--batch", "2", "--parallel", parallel, *common)
     losses1, adapters1, _ = _result(tmp_path / "w1")
-    losses2, adapters2, _ = _result(tmp_path / "w2")
-    assert max(abs(x - y) for x, y in zip(losses1, losses2, strict=True)) <= 1e-5
-    _assert_close(adapters1, adapters2, 1e-5)
+    losses2, adapters2, record = _result(tmp_path / "w2")
+    tolerance = 1e-5 if parallel == "ddp" else 1e-4  # the issue's bounds for each
+    assert max(abs(x - y) for x, y in zip(losses1, losses2, strict=True)) <= tolerance
+    _assert_close(adapters1, adapters2, tolerance)
+    if parallel == "fsdp" and quant != "none":
+        assert record["packed_equal_after_gather"] is True
 
 
 def test_sigkill_of_one_rank_then_resume_continues_identically(tmp_path: Path) -> None:
@@ -144,21 +153,6 @@ def test_fsdp_world_2_shards_the_packed_base_and_equals_world_1(tmp_path: Path) 
         # what travelled: measured per step, against the same gathers with a bf16 base
         assert all(0 < h["allgather_vs_bf16"] <= 0.3 for h in steps), steps
         assert all(h["allgather_mb"] > 0 for h in steps)
-
-
-@pytest.mark.parametrize("quant", ["nf2", "int8", "none"])
-def test_fsdp_with_accumulation_and_checkpointing_on_other_bases(
-    tmp_path: Path, quant: str
-) -> None:
-    common = ("--accum", "2", "--steps", "2", "--quant", quant, "--grad-ckpt")
-    _run(tmp_path / "w1", 1, "--batch", "4", *common)
-    _run(tmp_path / "w2", 2, "--batch", "2", "--parallel", "fsdp", *common)
-    losses1, adapters1, _ = _result(tmp_path / "w1")
-    losses2, adapters2, record = _result(tmp_path / "w2")
-    assert max(abs(x - y) for x, y in zip(losses1, losses2, strict=True)) <= 1e-4
-    _assert_close(adapters1, adapters2, 1e-4)
-    if quant != "none":
-        assert record["packed_equal_after_gather"] is True
 
 
 def test_fsdp_sigkill_resume_and_resume_at_world_1(tmp_path: Path) -> None:
