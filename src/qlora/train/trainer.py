@@ -341,18 +341,15 @@ class _Run:
     def _restore_rng(self, state: dict[str, Any]) -> None:
         """This rank's RNG as saved; at another world size rank 0's, the others seeded anew."""
         place, saved_world = self.place, int(state.get("world_size", 1))
-        per_rank = state.get("rng_ranks")
-        if saved_world == place.world_size and per_rank is not None:
+        same_world, per_rank = saved_world == place.world_size, state.get("rng_ranks")
+        if same_world and per_rank is not None:
             set_rng_state(per_rank[place.rank])
-            return
-        if saved_world == place.world_size or place.rank == 0:
+        elif same_world or place.rank == 0:
             set_rng_state(state["rng"])
-            if place.rank == 0 and saved_world == place.world_size:
-                return
         else:
             random.seed(self.config.seed + state["step"])
             torch.manual_seed(_rank_seed(self.config.seed + state["step"], place.rank))
-        if self.main:
+        if not same_world and self.main:
             _say(
                 f"the checkpoint was written by {saved_world} rank(s), this run has "
                 f"{place.world_size}: the data order and the adapters continue exactly; "
@@ -388,17 +385,20 @@ class _Run:
         saved_world = int(state.get("world_size", 1))
         saved = state.get("global_batch")
         ours = self.config.batch_size * self.place.world_size
-        if saved is not None and saved != ours:
+        if saved is None or saved == ours:
+            return
+        world = self.place.world_size
+        written = f"{path} was written with a global batch of {saved} examples"
+        if saved % world:
             raise TrainingError(
-                f"{path} was written with a global batch of {saved} examples ({saved_world} "
-                f"rank(s)); this run's is {ours} ({self.place.world_size} x train.batch_size "
-                f"{self.config.batch_size}): set train.batch_size={saved // self.place.world_size}"
-                " so that the global batch stays the same (it must divide by the world size)"
-                if saved % self.place.world_size == 0
-                else f"{path} was written with a global batch of {saved} examples, which "
-                f"{self.place.world_size} ranks cannot share evenly: resume with a world size "
-                f"that divides {saved}"
+                f"{written}, which {world} ranks cannot share evenly: resume with a world "
+                f"size that divides {saved}"
             )
+        raise TrainingError(
+            f"{written} ({saved_world} rank(s)); this run's is {ours} ({world} x "
+            f"train.batch_size {self.config.batch_size}): set train.batch_size="
+            f"{saved // world} so that the global batch stays the same"
+        )
 
     def _check_fits(self, state: dict[str, Any], path: Path) -> None:
         """The checkpoint must be of this model's adapters and this optimizer."""
@@ -484,12 +484,15 @@ class _Run:
         if self.saved_step == self.cursor.step:
             return
         rngs = self.place.gather(self.boundary_rng) if self.place.active else None
-        trainable, optimizer = trainable_state(self.model), self.optimizer.state_dict()
-        if self.place.mode == "fsdp":  # full tensors: one file, any world size can resume
-            trainable, optimizer = full_tensors(trainable), full_tensors(optimizer)
+        fsdp = self.place.mode == "fsdp"
+        if fsdp:  # every rank gathers: full tensors, one file any world size can resume
+            trainable = full_tensors(trainable_state(self.model))
+            optimizer = full_tensors(self.optimizer.state_dict())
         if self.run_dir is None or not self.main:
             self.saved_step = self.cursor.step
             return
+        if not fsdp:
+            trainable, optimizer = trainable_state(self.model), self.optimizer.state_dict()
         state = {
             "trainable": trainable,
             "optimizer": optimizer,
