@@ -59,3 +59,20 @@ def tiny_causal_lm(arch: str, *, vocab: int = 128, seed: int = 0, **config: Any)
     )
     torch.manual_seed(seed)
     return getattr(transformers, f"{arch}ForCausalLM")(model_config).eval()
+
+
+def with_two_adapters(model: nn.Module) -> nn.Module:
+    """``model`` with adapters "a" (r=4) and "b" (r=8) on every linear layer, their B drawn
+    at random (seeded) so that each changes the output: for mixed-adapter batch tests."""
+    from qlora import LoraConfig, add_lora
+    from qlora.nn import lora_layers
+
+    add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0), adapter_name="a")
+    add_lora(model, LoraConfig(r=8, alpha=8.0, dropout=0.0), adapter_name="b")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for name in ("a", "b"):
+                weight = layer.lora_B[name].weight  # [out, r]
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+    return model

@@ -7,12 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from qlora.config import LoraConfig
 from qlora.models.batch_decode import BatchDecoder, adapter_weights, batch_decode_unsupported
-from qlora.nn import add_lora, lora_layers, set_adapter
+from qlora.nn import lora_layers, set_adapter
 from qlora.nn.lora import merge_adapter
 from tests.conftest import requires_cuda
-from tests.tiny_models import tiny_causal_lm, tiny_llama
+from tests.tiny_models import tiny_causal_lm, tiny_llama, with_two_adapters
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,20 +93,8 @@ def test_rows_join_and_leave_with_a_swap(model: nn.Module) -> None:
     step()
 
 
-def _two_adapters(model: nn.Module) -> nn.Module:
-    add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0), adapter_name="a")
-    add_lora(model, LoraConfig(r=8, alpha=8.0, dropout=0.0), adapter_name="b")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for name in ("a", "b"):
-                weight = layer.lora_B[name].weight  # [out, r]
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
-    return model
-
-
 def test_mixed_adapters_in_one_batch_equal_each_row_alone(model: nn.Module) -> None:
-    model = _two_adapters(model)
+    model = with_two_adapters(model)
     weights = {name: adapter_weights(model, name) for name in ("a", "b")}
     rows: list[tuple[str | None, list[int]]] = [
         (None, _ids(5, 1)), ("a", _ids(7, 2)), ("b", _ids(3, 3)), ("a", _ids(9, 4)),
@@ -157,7 +144,7 @@ def test_full_batch_is_a_runtime_error() -> None:
 
 
 def test_merged_adapter_is_a_value_error() -> None:
-    model = _two_adapters(tiny_llama(seed=0))
+    model = with_two_adapters(tiny_llama(seed=0))
     set_adapter(model, "a")
     merge_adapter(next(layer for _, layer in lora_layers(model)))
     with pytest.raises(ValueError, match="merged"):
@@ -190,7 +177,7 @@ def test_bf16_model_runs() -> None:
 @requires_cuda
 def test_mixed_adapters_on_cuda_equal_the_lora_forward() -> None:
     """On a CUDA model (index tensors on its device; the CPU kernels stay out of the way)."""
-    model = _two_adapters(tiny_llama(seed=0, max_position_embeddings=128)).cuda()
+    model = with_two_adapters(tiny_llama(seed=0, max_position_embeddings=128)).cuda()
     weights = {name: adapter_weights(model, name) for name in ("a", "b")}
     rows = [(None, _ids(5, 1)), ("a", _ids(7, 2)), ("b", _ids(3, 3))]
     batch = BatchDecoder(model, max_batch=3)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from qlora.config import LoraConfig, QuantConfig
+from qlora.config import QuantConfig
 from qlora.kernels import DISABLE_VARIABLE, c_extension
 from qlora.models.batch_decode import BatchDecoder, _rope, _signed_sin, adapter_weights
 from qlora.models.decode_glue import DecodeGlue, LayerShape
@@ -22,9 +21,8 @@ from qlora.models.lora_rows import (
     prepare_adapter,
     site_table,
 )
-from qlora.nn import add_lora, lora_layers
 from qlora.nn.inject import quantize_model
-from tests.tiny_models import tiny_causal_lm, tiny_llama
+from tests.tiny_models import tiny_causal_lm, tiny_llama, with_two_adapters
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(c_extension("decode") is None, reason="_decode not built")
@@ -154,18 +152,6 @@ def test_glue_checks_its_arguments(glue: DecodeGlue) -> None:
         glue.swiglu(torch.randn(4), torch.randn(3))
 
 
-def _with_adapters(model: nn.Module) -> nn.Module:
-    add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0), adapter_name="a")
-    add_lora(model, LoraConfig(r=8, alpha=8.0, dropout=0.0), adapter_name="b")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for name in ("a", "b"):
-                weight = layer.lora_B[name].weight  # [out, r]
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
-    return model
-
-
 def _ids(length: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (length,), generator=generator).tolist()
@@ -180,7 +166,7 @@ def test_steps_with_c_glue_equal_the_torch_path(arch: str) -> None:
         "qwen2": lambda: tiny_causal_lm("Qwen2", vocab=VOCAB),  # biases on q, k, v
         "qwen3": lambda: tiny_causal_lm("Qwen3", vocab=VOCAB, head_dim=16),  # q/k norms
     }[arch]()
-    model = _with_adapters(model)
+    model = with_two_adapters(model)
     weights = {name: adapter_weights(model, name) for name in ("a", "b")}
     rows = [(None, _ids(5, 1)), ("a", _ids(30, 2)), ("b", _ids(3, 3)), ("a", _ids(9, 4))]
     fast, slow = BatchDecoder(model, 4, c_glue=True), BatchDecoder(model, 4, c_glue=False)
@@ -304,7 +290,7 @@ def test_the_c_decode_loop_equals_the_per_op_glue_bit_for_bit(
         "qwen2": lambda: tiny_causal_lm("Qwen2", vocab=VOCAB),
     }[arch]()
     quantize_model(model, QuantConfig(kind=kind, double_quant=double_quant))
-    model = _with_adapters(model)
+    model = with_two_adapters(model)
     weights = {name: adapter_weights(model, name) for name in ("a", "b")}
     loop, per_op = BatchDecoder(model, 4), BatchDecoder(model, 4)
     slow = BatchDecoder(model, 4, c_glue=False)
