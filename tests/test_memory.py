@@ -270,7 +270,7 @@ def test_estimate_per_rank_under_ddp_and_fsdp() -> None:
     one = estimate("70b", "qlora-4", **settings)
     assert estimate("70b", "qlora-4", world_size=1, parallel="fsdp", **settings) == one
     ddp = estimate("70b", "qlora-4", world_size=2, parallel="ddp", **settings)
-    assert ddp.weights == one.weights and ddp.gradients == 2 * one.gradients  # + buckets
+    assert ddp.total == one.total  # the whole model; gradients in DDP's buckets
     fsdp2 = estimate("70b", "qlora-4", world_size=2, parallel="fsdp", **settings)
     fsdp8 = estimate("70b", "qlora-4", world_size=8, parallel="fsdp", **settings)
     assert one.weights / 2 < fsdp2.weights < 0.6 * one.weights  # half + the gathered layers

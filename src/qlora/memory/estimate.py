@@ -6,6 +6,7 @@ module's docstring, the derivation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -401,8 +402,8 @@ def _per_rank(
 ) -> tuple[int, _ParameterMemory]:
     """(weights, parameter memory) of one rank of ``world`` (docs/distributed.md).
 
-    DDP: the whole model on every rank, plus its gradient buckets (a second copy of the
-    adapters' gradients, reduced in place). FSDP2: 1/N of every sharded tensor; the root
+    DDP: the whole model on every rank; the gradients live in its buckets
+    (``gradient_as_bucket_view``), so nothing more. FSDP2: 1/N of every sharded tensor; the root
     group (embeddings, final norm, head: ``root`` bytes) stays gathered for the step and two
     decoder layers are gathered at once (the one running and the one prefetched), with one
     layer's full gradients alive while they are reduce-scattered. ``cpu_offload``: the shards
@@ -412,12 +413,8 @@ def _per_rank(
     if world == 1:
         return frozen, memory
     if parallel == "ddp":
-        buckets = memory.gradients / GiB
-        note = f"DDP: every rank holds the whole model; +{buckets:.3g} GiB of gradient buckets"
-        grads = 2 * memory.gradients
-        return frozen, _ParameterMemory(
-            memory.adapters, grads, memory.optimizer_states, memory.offloaded, (*memory.notes, note)
-        )
+        note = "DDP: every rank holds the whole model (the gradients are its reduction buckets)"
+        return frozen, dataclasses.replace(memory, notes=(*memory.notes, note))
     layer = (frozen - root) / max(layers, 1)
     gathered = root + 2 * layer  # the root group and two layers, unsharded
     adapter_layer = memory.adapters / max(layers, 1)

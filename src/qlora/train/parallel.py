@@ -239,6 +239,7 @@ def wrap_for_training(model: nn.Module, loss_fn: Any, place: Distributed) -> nn.
             device_ids=[place.device.index] if place.device.type == "cuda" else None,
             broadcast_buffers=False,  # frozen buffers (the packed base) never change
             init_sync=False,  # every rank loaded the same base; adapters broadcast above
+            gradient_as_bucket_view=True,  # the gradients live in the buckets: no copy
         )
     if place.mode == "fsdp":
         from qlora.train.fsdp import shard_for_training
