@@ -181,10 +181,18 @@ def test_every_c_extension_is_built_where_a_compiler_is() -> None:
     """The extensions are optional at install (no compiler: the reference paths run), so a
     source that stops compiling would only show as slower code and skipped kernel tests;
     with a compiler on the machine, every one must have been built."""
-    missing = []
+    missing, stale = [], []
     for name in kernels.C_EXTENSIONS:
         try:
-            importlib.import_module(f"qlora.kernels._{name}")
+            module = importlib.import_module(f"qlora.kernels._{name}")
         except ImportError as error:
             missing.append(f"_{name} ({error})")
+            continue
+        # An editable install keeps the library beside its source; a failed rebuild leaves
+        # the previous library in place, which imports fine: it must not predate the source.
+        built = Path(module.__file__)
+        source = built.parent / f"{name}.c"
+        if source.is_file() and built.stat().st_mtime < source.stat().st_mtime:
+            stale.append(f"_{name} (older than {source.name})")
     assert not missing, f"C extensions not built: {', '.join(missing)}; rerun the install"
+    assert not stale, f"C extensions not rebuilt: {', '.join(stale)}; rerun the install"

@@ -334,3 +334,6 @@ def test_the_c_decode_loop_checks_the_layer_description(glue: DecodeGlue) -> Non
         glue.layers(broken, torch.randn(1, 64), shape, *args, torch.ones(64), 1e-5)
     with pytest.raises(ValueError, match="hidden is"):
         glue.layers(decoder._description, torch.randn(1, 32), shape, *args, torch.ones(64), 1e-5)
+    outside = (torch.tensor([shape.capacity]), *args[1:])
+    with pytest.raises(ValueError, match=r"layers: row 0's column \d+ is outside the cache"):
+        glue.layers(decoder._description, torch.randn(1, 64), shape, *outside, torch.ones(64), 1e-5)

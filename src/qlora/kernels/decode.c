@@ -293,6 +293,20 @@ static PyObject *py_add_rms_norm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Every row's new column must lie inside the KV cache: 0 when it does, else -1 with a
+   ValueError naming the caller and the row. */
+static int check_columns(const char *who, const int64_t *columns, long long n,
+                         long long capacity) {
+    for (long long r = 0; r < n; r++) {
+        if (columns[r] < 0 || columns[r] >= capacity) {
+            PyErr_Format(PyExc_ValueError, "%s: row %lld's column %lld is outside the "
+                         "cache's %lld columns", who, r, (long long)columns[r], capacity);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *py_attend(PyObject *self, PyObject *args) {
     unsigned long long q, k, v, key_cache, value_cache, lengths, cos, sin, out;
     long long n, heads, kv_heads, d, capacity;
@@ -310,13 +324,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
         return NULL;
     }
     const int64_t *len = (const int64_t *)lengths;
-    for (long long r = 0; r < n; r++) {
-        if (len[r] < 0 || len[r] >= capacity) {
-            PyErr_Format(PyExc_ValueError, "attend: row %lld's column %lld is outside the "
-                         "cache's %lld columns", r, (long long)len[r], capacity);
-            return NULL;
-        }
-    }
+    if (check_columns("attend", len, n, capacity))
+        return NULL;
     const Attention a = {(float *)q, (float *)k, (float *)v, (float *)key_cache,
                          (float *)value_cache, len, (const float *)cos, (const float *)sin,
                          (float *)out, n, heads, kv_heads, d, capacity, scale};
@@ -573,13 +582,8 @@ static PyObject *py_layers(PyObject *self, PyObject *args) {
         return NULL;
     }
     const int64_t *pos = (const int64_t *)positions;
-    for (long long r = 0; r < n; r++) {
-        if (pos[r] < 0 || pos[r] >= capacity) {
-            PyErr_Format(PyExc_ValueError, "layers: row %lld's column %lld is outside the "
-                         "cache's %lld columns", r, (long long)pos[r], capacity);
-            return NULL;
-        }
-    }
+    if (check_columns("layers", pos, n, capacity))
+        return NULL;
     const int64_t qd = heads * d, kvd = kv_heads * d;
     /* out, in of each projection, as the layer's sizes want them */
     const int64_t shapes[PROJECTIONS][2] = {{qd, hidden_size}, {kvd, hidden_size},
