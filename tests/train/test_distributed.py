@@ -179,7 +179,7 @@ def test_fsdp_sigkill_resume_and_resume_at_world_1(tmp_path: Path) -> None:
     _assert_close(adapters, whole_adapters, 0.0)
 
 
-def test_parallel_none_under_torchrun_is_refused(tmp_path: Path) -> None:
+def test_bad_parallel_settings_are_refused(tmp_path: Path) -> None:
     from qlora.train.parallel import Distributed, ParallelError, _resolve_mode
 
     assert _resolve_mode("auto", 2) == "ddp" and _resolve_mode("none", 1) == "none"
@@ -187,6 +187,20 @@ def test_parallel_none_under_torchrun_is_refused(tmp_path: Path) -> None:
         _resolve_mode("none", 2)
     place = Distributed()
     assert place.all_reduce_sum([1.5, 2]) == [1.5, 2.0] and place.gather(3) == [3]
+    # fsdp keeps torch's AdamW on sharded parameters; another optimizer is refused up front
+    from qlora import LoraConfig, add_lora
+    from qlora.config import TrainConfig
+    from qlora.train.trainer import TrainingError, _Run
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama(vocab=96, seed=0)
+    add_lora(model, LoraConfig(r=2))
+    config = TrainConfig(output_dir=str(tmp_path), optim="adamw8bit", max_steps=1)
+    sharded = Distributed(rank=1, world_size=2, mode="fsdp")
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"]
+    with pytest.raises(TrainingError, match=r"train\.parallel=fsdp works with train\.optim=adamw"):
+        _Run(model, config, [batch], None, None, False, sharded)
     assert place.broadcast("x") == "x" and place.is_main and not place.active
 
 
