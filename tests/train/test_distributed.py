@@ -163,9 +163,18 @@ def test_fsdp_sigkill_resume_and_resume_at_world_1(tmp_path: Path) -> None:
     )
     assert killed.returncode != 0
     assert [step for step, _ in checkpoint_dirs(tmp_path / "run")] == [2, 4]
-    _, state = load_checkpoint(checkpoint_dirs(tmp_path / "run")[-1][1])
+    newest = checkpoint_dirs(tmp_path / "run")[-1][1]
+    _, state = load_checkpoint(newest)
     whole_losses, whole_adapters, _ = _result(tmp_path / "whole")
-    # the checkpoint holds full tensors: its adapters have the model's shapes
+    # each rank wrote its own row blocks of the adapters and moments; none went to rank 0
+    shards = [newest / f"shard-0000{r}-of-00002.safetensors" for r in (0, 1)]
+    with SafetensorsReader(shards[0]) as first, SafetensorsReader(shards[1]) as second:
+        for name, full in state["trainable"].items():
+            rows = first.get(f"trainable/{name}").shape[0], second.get(f"trainable/{name}").shape[0]
+            assert rows == (-(-full.shape[0] // 2), full.shape[0] // 2), name
+    with SafetensorsReader(newest / "tensors.safetensors") as rank_0:
+        assert not any(key.startswith("trainable/") for key in rank_0.names())
+    # reading joins them: full tensors with the model's shapes
     assert all(t.shape[0] > 0 for t in state["trainable"].values())
     # the same run on one process from the FSDP checkpoint (batch 4 = the global batch)
     _run(tmp_path / "run", 1, "--batch", "4", "--steps", "6", "--save-every", "2", "--resume")

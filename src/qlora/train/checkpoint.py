@@ -15,6 +15,16 @@ shared run directory runs its payload (``weights_only=False`` was needed for the
 optimizer state). Nothing here ever unpickles; a directory holding only a ``state.pt`` (an
 older qlora's checkpoint) is refused with a message, never loaded.
 
+Under FSDP (``train.parallel: fsdp``) the adapters and their optimizer moments are sharded
+across the ranks, and so is the checkpoint: each rank writes its own pieces to
+``shard-<rank>-of-<world>.safetensors`` (nothing is gathered, so no rank ever holds the
+full adapter and optimizer state on its device), rank 0 writes the replicated rest (RNG
+states, step counters) to ``tensors.safetensors`` and ``state.json``, where a sharded tensor
+is ``{"__sharded__": key, "shape": [...]}``. Every piece is a row block (FSDP2 shards dim 0
+as ``torch.chunk`` does), so reading concatenates the files' pieces in rank order into the
+full tensor: a checkpoint resumes at any world size and in any mode. This stands in for
+``torch.distributed.checkpoint``, whose ``.metadata`` file is a pickle.
+
 The directory is written into a temporary sibling and renamed into place
 (`qlora.files.staged_directory`); ``latest`` (a one-line file naming the newest directory, for
 people and scripts) is replaced atomically after that. A run killed at any instant - SIGKILL
@@ -23,16 +33,22 @@ included - leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from qlora.files import atomic_write, staged_directory
 from qlora.models.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
+
+if TYPE_CHECKING:
+    from qlora.train.parallel import Distributed
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -44,12 +60,14 @@ __all__ = [
     "load_checkpoint",
     "rng_state",
     "save_checkpoint",
+    "save_sharded_checkpoint",
     "set_rng_state",
     "trainable_state",
 ]
 
 FORMAT = "qlora-checkpoint/1"
 STATE_FILE, TENSOR_FILE = "state.json", "tensors.safetensors"
+SHARD_FILE = "shard-{rank:05d}-of-{world:05d}.safetensors"
 CHECKPOINT_FILES = (STATE_FILE, TENSOR_FILE)
 
 
@@ -71,48 +89,96 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name: copies, or (``copy=False``) detached views."""
+    return {
+        n: p.detach().clone() if copy else p.detach()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 # --- the state tree <-> (JSON, tensors) ------------------------------------------------------
 
 
-def encode_state(tree: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
-    """``tree`` as JSON-able values; its tensors go into ``tensors`` under their tree path."""
+def encode_state(
+    tree: Any,
+    tensors: dict[str, torch.Tensor],
+    path: str = "",
+    local: dict[str, torch.Tensor] | None = None,
+) -> Any:
+    """``tree`` as JSON-able values; its tensors go into ``tensors`` under their tree path.
+
+    With ``local``, a DTensor sharded by rows (FSDP2's layout) puts this rank's piece there
+    instead and is written as a ``__sharded__`` reference with its full shape.
+    """
+    if isinstance(tree, DTensor) and local is not None:
+        if tree.device_mesh.ndim != 1 or tree.placements != (Shard(0),):
+            raise TypeError(f"checkpoint state at {path!r}: cannot store {tree.placements}")
+        local[path] = tree.to_local()
+        return {"__sharded__": path, "shape": list(tree.shape)}
     if isinstance(tree, torch.Tensor):
         tensors[path] = tree
         return {"__tensor__": path}
+
+    def inner(value: Any, key: str) -> Any:
+        return encode_state(value, tensors, key, local)
+
     if isinstance(tree, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in tree):
-            return {
-                k: encode_state(v, tensors, f"{path}/{k}" if path else k) for k, v in tree.items()
-            }
-        return {
-            "__items__": [[k, encode_state(v, tensors, f"{path}/{k}")] for k, v in tree.items()]
-        }
+            return {k: inner(v, f"{path}/{k}" if path else k) for k, v in tree.items()}
+        return {"__items__": [[k, inner(v, f"{path}/{k}")] for k, v in tree.items()]}
     if isinstance(tree, tuple):
-        return {"__tuple__": [encode_state(v, tensors, f"{path}/{i}") for i, v in enumerate(tree)]}
+        return {"__tuple__": [inner(v, f"{path}/{i}") for i, v in enumerate(tree)]}
     if isinstance(tree, list):
-        return [encode_state(v, tensors, f"{path}/{i}") for i, v in enumerate(tree)]
+        return [inner(v, f"{path}/{i}") for i, v in enumerate(tree)]
     if tree is None or isinstance(tree, bool | int | float | str):
         return tree
     raise TypeError(f"checkpoint state at {path!r}: cannot store a {type(tree).__name__}")
 
 
-def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of `encode_state`; a reference to a missing tensor raises KeyError."""
+Joiner = Callable[[str, list[int]], torch.Tensor]
+
+
+def decode_state(tree: Any, tensors: dict[str, torch.Tensor], join: Joiner | None = None) -> Any:
+    """The inverse of `encode_state`; a reference to a missing tensor raises KeyError.
+
+    ``join(key, shape)`` returns the full tensor of a ``__sharded__`` reference.
+    """
     if isinstance(tree, dict):
         if set(tree) == {"__tensor__"}:
             return tensors[tree["__tensor__"]]
+        if set(tree) == {"__sharded__", "shape"}:
+            if join is None:
+                raise KeyError(f"{tree['__sharded__']} is sharded; the checkpoint lists no shards")
+            return join(tree["__sharded__"], tree["shape"])
         if set(tree) == {"__tuple__"}:
-            return tuple(decode_state(v, tensors) for v in tree["__tuple__"])
+            return tuple(decode_state(v, tensors, join) for v in tree["__tuple__"])
         if set(tree) == {"__items__"}:
-            return {_key(k): decode_state(v, tensors) for k, v in tree["__items__"]}
-        return {k: decode_state(v, tensors) for k, v in tree.items()}
+            return {_key(k): decode_state(v, tensors, join) for k, v in tree["__items__"]}
+        return {k: decode_state(v, tensors, join) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [decode_state(v, tensors) for v in tree]
+        return [decode_state(v, tensors, join) for v in tree]
     return tree
+
+
+def _shard_reader(path: Path, name: Any) -> SafetensorsReader:
+    if not isinstance(name, str) or "/" in name or not name.endswith(".safetensors"):
+        raise ValueError(f"bad shard file name {name!r}")
+    if not (path / name).is_file():
+        raise CheckpointError(f"{path / name} is missing: the checkpoint is incomplete")
+    return SafetensorsReader(path / name)
+
+
+def _joiner(path: Path, shards: list[SafetensorsReader]) -> Joiner:
+    def join(key: str, shape: list[int]) -> torch.Tensor:
+        # the pieces are row blocks in rank order (a rank's block may be empty)
+        full = torch.cat([reader.get(key) for reader in shards])
+        if list(full.shape) != list(shape):
+            raise ValueError(f"{key}: the shards join to {list(full.shape)}, expected {shape}")
+        return full
+
+    return join
 
 
 def _key(key: Any) -> Any:
@@ -144,6 +210,57 @@ def save_checkpoint(output_dir: Path, step: int, state: dict[str, Any], run_id: 
     return final
 
 
+def save_sharded_checkpoint(
+    output_dir: Path, step: int, state: dict[str, Any], run_id: str, place: Distributed
+) -> Path:
+    """`save_checkpoint` under FSDP; every rank calls it with its own (sharded) ``state``.
+
+    Each rank writes its pieces of the sharded tensors into rank 0's staging directory; rank 0
+    then writes the rest and publishes the directory. A failure on any rank (a full disk)
+    raises on every rank and publishes nothing; a killed rank leaves only a hidden staging
+    directory behind, never a partial ``checkpoint-<step>``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    local: dict[str, torch.Tensor] = {}
+    body = {"format": FORMAT, "run_id": run_id, "state": encode_state(state, tensors, local=local)}
+    world = place.world_size
+    body["shards"] = [SHARD_FILE.format(rank=r, world=world) for r in range(world)]
+    final = output_dir / f"checkpoint-{step}"
+    outcome: str | None = None
+    with contextlib.ExitStack() as stack:
+        staging, problem = None, None
+        if place.is_main:
+            try:
+                staging = stack.enter_context(staged_directory(final, last=(STATE_FILE,)))
+            except OSError as err:
+                problem = f"rank 0: {err}"
+        staging, problem = place.broadcast((staging, problem))
+        if problem is None:
+            try:
+                write_safetensors(Path(staging) / body["shards"][place.rank], local)
+            except OSError as err:
+                problem = f"rank {place.rank}: {err}"
+        problems = [p for p in place.gather(problem) if p is not None]
+        if problems:
+            raise CheckpointError(f"{final} was not written: {problems[0]}")
+        if place.is_main:
+            try:
+                write_safetensors(Path(staging) / TENSOR_FILE, tensors, {"format": "pt"})
+                atomic_write(Path(staging) / STATE_FILE, json.dumps(body) + "\n")
+            except OSError as err:  # the staging directory goes; others hear of it below
+                outcome = f"rank 0: {err}"
+                stack.close()
+    if place.is_main and outcome is None:
+        try:
+            atomic_write(output_dir / "latest", final.name + "\n")
+        except OSError as err:
+            outcome = f"rank 0: {err}"
+    outcome = place.broadcast(outcome)
+    if outcome is not None:
+        raise CheckpointError(f"{final} was not written: {outcome}")
+    return final
+
+
 def checkpoint_run_id(path: Path) -> str | None:
     """The run id recorded in checkpoint ``path`` (None when unreadable)."""
     try:
@@ -172,11 +289,13 @@ def load_checkpoint(path: Path) -> tuple[str, dict[str, Any]]:
         body = json.loads(state_file.read_text())
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise ValueError(f"expected format {FORMAT!r}")
-        with SafetensorsReader(path / TENSOR_FILE) as reader:
+        with contextlib.ExitStack() as stack:
+            reader = stack.enter_context(SafetensorsReader(path / TENSOR_FILE))
             # copies: the optimizer keeps and updates these tensors in place, and the
             # reader's views are of a read-only map
             tensors = {name: reader.get(name).clone() for name in reader.names()}
-        state = decode_state(body["state"], tensors)
+            shards = [stack.enter_context(_shard_reader(path, n)) for n in body.get("shards", [])]
+            state = decode_state(body["state"], tensors, _joiner(path, shards) if shards else None)
         for key in ("step", "epoch", "index"):
             if not isinstance(state.get(key), int):
                 raise ValueError(f"{key!r} is missing or not an integer")

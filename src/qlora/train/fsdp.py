@@ -15,9 +15,10 @@ like NaNs). The layer dequantizes from the gathered bytes exactly as on one proc
 
 The trainable adapters are sharded too (FSDP2 reduce-scatters their gradients, averaged
 over the ranks like DDP), and so is the optimizer state: torch's AdamW works on the
-sharded parameters directly. Checkpoints gather the adapters and their optimizer state to
-full tensors (`full_tensors`), so that a checkpoint is the same file whatever wrote it and
-resumes at any world size and in any mode; `shard_like` cuts them back on resume.
+sharded parameters directly. A checkpoint is sharded the same way: each rank writes its
+pieces (`qlora.train.checkpoint.save_sharded_checkpoint`), reading joins them into full
+tensors, and `shard_like` cuts those for the ranks of the resuming run, whatever its world
+size or mode. `full_tensors` gathers a tree of DTensors where a full copy is wanted.
 
 `GatherCounter` is the all-gather each group uses (FSDP2's ``set_custom_all_gather`` hook):
 it calls ``all_gather_single`` as FSDP2's default does and counts the bytes, so the

@@ -55,10 +55,11 @@ from qlora.train.checkpoint import (
     load_checkpoint,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
     trainable_state,
 )
-from qlora.train.fsdp import full_tensors, gathered_bytes, shard_like
+from qlora.train.fsdp import gathered_bytes, shard_like
 from qlora.train.loss import IGNORE_INDEX, causal_lm_loss
 from qlora.train.parallel import Distributed, as_float, gradient_sync, wrap_for_training
 from qlora.train.run_dir import OutputDirError, RunDirectory, claim_output_dir
@@ -258,6 +259,8 @@ class _Run:
                 f"train.parallel=fsdp works with train.optim=adamw (torch's AdamW on sharded "
                 f"parameters); {config.optim} keeps its own state layout: use adamw, or ddp"
             )
+        # FSDP checkpoints are written by every rank when rank 0 has a run directory
+        self.shards_saved = place.mode == "fsdp" and bool(place.broadcast(self.main))
         self.loss_model = wrap_for_training(model, _forward, place)
         # after wrapping: FSDP2 replaces the parameters with sharded ones
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -479,23 +482,21 @@ class _Run:
     def save(self) -> None:
         """Checkpoint the state between the last step and the next (see the module docstring).
 
-        Every rank calls it (the RNG states are gathered); rank 0 writes.
+        Every rank calls it (the RNG states are gathered). Rank 0 writes the checkpoint;
+        under FSDP every rank writes its shards of the adapters and optimizer state into it.
         """
         if self.saved_step == self.cursor.step:
             return
         rngs = self.place.gather(self.boundary_rng) if self.place.active else None
         fsdp = self.place.mode == "fsdp"
-        if fsdp:  # every rank gathers: full tensors, one file any world size can resume
-            trainable = full_tensors(trainable_state(self.model))
-            optimizer = full_tensors(self.optimizer.state_dict())
-        if self.run_dir is None or not self.main:
+        if not (self.main or (fsdp and self.shards_saved)):
             self.saved_step = self.cursor.step
             return
-        if not fsdp:
-            trainable, optimizer = trainable_state(self.model), self.optimizer.state_dict()
+        # FSDP: the sharded tensors (DTensors), each rank writing its pieces; else copies
+        trainable = trainable_state(self.model, copy=not fsdp)
         state = {
             "trainable": trainable,
-            "optimizer": optimizer,
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": self.boundary_rng,
             "step": self.cursor.step,
@@ -508,9 +509,17 @@ class _Run:
         }
         if rngs is not None:
             state["rng_ranks"] = rngs
-        save_checkpoint(self.out, self.cursor.step, state, self.run_dir.run_id)
+        run_id = self.run_dir.run_id if self.run_dir is not None else ""
+        try:
+            if fsdp:
+                save_sharded_checkpoint(self.out, self.cursor.step, state, run_id, self.place)
+            else:
+                save_checkpoint(self.out, self.cursor.step, state, run_id)
+        except CheckpointError as err:
+            raise TrainingError(f"step {self.cursor.step}: cannot checkpoint: {err}") from None
         self.saved_step = self.cursor.step
-        self.run_dir.prune(_KEEP)
+        if self.run_dir is not None and self.main:
+            self.run_dir.prune(_KEEP)
         if hasattr(self.optimizer, "release_pages"):  # saving read the paged state in
             self.optimizer.release_pages()
 
