@@ -15,9 +15,10 @@ def tiny_llama(
     vocab: int = 128,
     tied: bool = False,
     seed: int | None = None,
+    layers: int = 2,
     **config: Any,
 ) -> nn.Module:
-    """A 2-layer random ``LlamaForCausalLM`` (4 heads, 2 KV heads) in eval mode.
+    """A random ``LlamaForCausalLM`` (2 layers by default; 4 heads, 2 KV heads) in eval mode.
 
     Args:
         hidden, intermediate, vocab: the sizes.
@@ -30,7 +31,7 @@ def tiny_llama(
     llama_config = transformers.LlamaConfig(
         hidden_size=hidden,
         intermediate_size=intermediate,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab,

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -24,9 +24,12 @@ from qlora.config import RunConfig, check_data_files
 from qlora.devices import resolve_device
 from qlora.files import atomic_write
 from qlora.nn import add_lora, init_loftq, trainable_report
-from qlora.train.fsdp import gathered_trainable
+from qlora.train.fsdp import ShardWhileLoading, gathered_trainable
 from qlora.train.parallel import Distributed, distributed_session, rank_slice
 from qlora.train.run_dir import OutputDirError, RunDirectory, claim_output_dir
+
+if TYPE_CHECKING:
+    from qlora.models.loader import BlockSink
 
 __all__ = ["EpochBatches", "RunResult", "load_base", "run_training"]
 
@@ -81,11 +84,14 @@ class RunResult:
     rank: int = 0  # under torchrun: this process's rank (0 prints the summary)
 
 
-def load_base(config: RunConfig, progress: bool = True) -> tuple[nn.Module, Any]:
-    """The base model and tokenizer as ``config.model`` and ``config.quant`` describe."""
+def load_base(
+    config: RunConfig, progress: bool = True, blocks: BlockSink | None = None
+) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer as ``config.model`` and ``config.quant`` describe
+    (``blocks``: takes each decoder layer as it loads; see `qlora.models.load_model`)."""
     from qlora.models import load_model
 
-    return load_model(config.model, config.quant, progress=progress)
+    return load_model(config.model, config.quant, progress=progress, blocks=blocks)
 
 
 def run_training(
@@ -147,9 +153,17 @@ def _run_in(
         atomic_write(run_dir.path / "config.yaml", dump)
     loftq = config.lora.init == "loftq"  # LoftQ quantizes from the full-precision weights
     full_precision = dataclasses.replace(config, quant=dataclasses.replace(config.quant, kind=None))
-    model, tokenizer = load_base(full_precision if loftq else config, progress=progress)
-    torch.manual_seed(config.train.seed)  # the adapters' initialization is part of the run
-    add_lora(model, config.lora)
+    # FSDP: each layer gets its adapters and is sharded as it loads (no rank holds the base)
+    sink = None
+    if place.mode == "fsdp" and not loftq:
+        sink = ShardWhileLoading(config.lora, config.train.seed, place.world_size, place.device)
+    model, tokenizer = load_base(full_precision if loftq else config, progress, sink)
+    if sink is not None:  # the adapters were drawn before loading, seeded as below
+        sink.finish(model)
+        say(f"loaded into shards: at most {sink.peak_bytes / 2**20:.1f} MiB of the model per rank")
+    else:
+        torch.manual_seed(config.train.seed)  # the adapters' initialization is part of the run
+        add_lora(model, config.lora)
     if loftq:  # quantize now, fitting the adapters to the quantization error
         say(init_loftq(model, config.lora, config.quant, progress=progress))
     say(trainable_report(model))

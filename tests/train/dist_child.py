@@ -10,6 +10,8 @@ and ``OUT/rank-<r>.safetensors`` (its adapters). ``--kill-at-batch N``: rank ``-
 SIGKILLs itself when it collates its N-th batch, as a user's kill -9 of one worker would.
 ``--parallel fsdp`` also records the rank's resident frozen bytes and, after training,
 whether every layer's packed codes and scales, all-gathered, equal the bytes it started with.
+``--load-from DIR`` loads a saved model with `load_model` instead (FSDP: each layer sharded
+as it loads) and records the most of the model the rank held while loading.
 """
 
 from __future__ import annotations
@@ -27,10 +29,17 @@ from qlora import LoraConfig, QuantConfig, add_lora, quantize_model
 from qlora.config import TrainConfig
 from qlora.data import BatchLoader
 from qlora.data.encode import Example
+from qlora.models import load_model
 from qlora.models.safetensors_io import write_safetensors
 from qlora.nn.qlinear import QuantLinear
 from qlora.recipe import EpochBatches
-from qlora.train.fsdp import full_tensors, resident_base_bytes
+from qlora.train.fsdp import (
+    ShardWhileLoading,
+    full_tensors,
+    held_bytes,
+    resident_base_bytes,
+    shard_like,
+)
 from qlora.train.parallel import distributed_session
 from qlora.train.trainer import train
 from tests.tiny_models import tiny_llama
@@ -98,6 +107,24 @@ def _gathered_equal(model: torch.nn.Module, packed: dict[str, torch.Tensor]) -> 
     return equal
 
 
+def _built(args: argparse.Namespace, lora: LoraConfig) -> torch.nn.Module:
+    """The tiny model built in memory, quantized, with adapters whose B is random."""
+    if args.hidden > 64:  # where the decoder layers, not the embedding, hold the bytes
+        sizes = {"hidden": args.hidden, "intermediate": 2 * args.hidden, "tied": True}
+        model = tiny_llama(vocab=VOCAB, seed=0, **sizes).train()
+    else:
+        model = tiny_llama(vocab=VOCAB, seed=0).train()
+    if args.quant != "none":
+        model = quantize_model(model, QuantConfig(kind=args.quant))
+    torch.manual_seed(1)  # the adapters' initialization (B random: the gradients of A count)
+    add_lora(model, lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
@@ -113,30 +140,47 @@ def main() -> None:
     parser.add_argument("--eval", action="store_true", help="also evaluate on 5 examples")
     parser.add_argument("--parallel", default="auto", choices=["auto", "ddp", "fsdp"])
     parser.add_argument("--hidden", type=int, default=64, help="> 64: a wider, tied model")
+    parser.add_argument(
+        "--load-from",
+        default=None,
+        help="a saved model directory, loaded with load_model "
+        "(fsdp: each layer sharded as it loads)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     with distributed_session(args.parallel, torch.device("cpu")) as place:
-        if args.hidden > 64:  # where the decoder layers, not the embedding, hold the bytes
-            sizes = {"hidden": args.hidden, "intermediate": 2 * args.hidden, "tied": True}
-            model = tiny_llama(vocab=VOCAB, seed=0, **sizes).train()
+        lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+        sink, packed = None, {}
+        if args.load_from:
+            if place.mode == "fsdp":
+                sink = ShardWhileLoading(lora, 1, place.world_size, place.device)
+            quant = None if args.quant == "none" else args.quant
+            model, _ = load_model(
+                args.load_from, quant, tokenizer=False, progress=False, blocks=sink
+            )
+            model.train()
+            if sink is not None:
+                sink.finish(model)
+            else:
+                torch.manual_seed(1)
+                add_lora(model, lora)
+            generator = torch.Generator().manual_seed(2)  # B random, the same full tensors
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        full = torch.randn(param.shape, generator=generator) * 0.02
+                        param.copy_(shard_like(full, param))
         else:
-            model = tiny_llama(vocab=VOCAB, seed=0).train()
-        if args.quant != "none":
-            model = quantize_model(model, QuantConfig(kind=args.quant))
-        torch.manual_seed(1)  # the adapters' initialization (B random: the gradients of A count)
-        add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.02)
-        packed = {  # the stored codes and scales as loaded, to compare after the gathers
-            f"{name}.{key}": getattr(layer, key).clone()
-            for name, layer in model.named_modules()
-            if isinstance(layer, QuantLinear)
-            for key in QuantLinear.SHARDABLE
-            if getattr(layer, key, None) is not None
-        }
+            model = _built(args, lora)
+            packed = {  # the stored codes and scales as loaded, to compare after the gathers
+                f"{name}.{key}": getattr(layer, key).clone()
+                for name, layer in model.named_modules()
+                if isinstance(layer, QuantLinear)
+                for key in QuantLinear.SHARDABLE
+                if getattr(layer, key, None) is not None
+            }
+        held_at_load = sink.peak_bytes if sink is not None else held_bytes(model)
         loader = BatchLoader(examples(), args.batch * place.world_size, 0, seed=3)
         data = KillingBatches(loader, place, args.batch)
         data.kill_at = args.kill_at_batch
@@ -170,8 +214,9 @@ def main() -> None:
             "eval_loss": result.eval_loss,
             "world": place.world_size,
             "resident_frozen_bytes": resident_base_bytes(model),
+            "held_at_load": held_at_load,
         }
-        if place.mode == "fsdp":
+        if place.mode == "fsdp" and packed:
             record["packed_equal_after_gather"] = _gathered_equal(model, packed)
         (out / f"rank-{place.rank}.json").write_text(json.dumps(record))
 

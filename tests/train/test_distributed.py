@@ -155,6 +155,30 @@ def test_fsdp_world_2_shards_the_packed_base_and_equals_world_1(tmp_path: Path) 
         assert all(h["allgather_mb"] > 0 for h in steps)
 
 
+def test_fsdp_loads_each_layer_straight_into_shards(tmp_path: Path) -> None:
+    from tests.tiny_models import tiny_llama
+
+    # 12 layers: the checkpoint lists them as layers.0, layers.1, layers.10 ...
+    model = tiny_llama(vocab=96, seed=0, layers=12, hidden=128, intermediate=256, tied=True)
+    model.save_pretrained(tmp_path / "base")
+    common = ("--steps", "3", "--quant", "nf4", "--load-from", str(tmp_path / "base"))
+    _run(tmp_path / "w1", 1, "--batch", "4", *common)
+    _run(tmp_path / "w2", 2, "--batch", "2", "--parallel", "fsdp", *common)
+    losses1, adapters1, record1 = _result(tmp_path / "w1")
+    losses2, adapters2, _ = _result(tmp_path / "w2")
+    # the adapters drawn before loading equal add_lora's after it: the runs agree
+    assert max(abs(x - y) for x, y in zip(losses1, losses2, strict=True)) <= 1e-4
+    _assert_close(adapters1, adapters2, 1e-4)
+    for rank in (0, 1):
+        _, _, record = _result(tmp_path / "w2", rank)
+        # while loading, a rank held its half of the layers loaded so far, one whole layer
+        # (the one being sharded) and the unsharded rest (embedding, norms): never the model
+        ratio = record["held_at_load"] / record1["held_at_load"]
+        print(f"rank {rank}: held {ratio:.3f}x the whole model at most while loading")
+        assert ratio <= 0.5 + 1 / 12 + 0.05, ratio
+        assert record["resident_frozen_bytes"] <= 0.55 * record1["resident_frozen_bytes"]
+
+
 def test_fsdp_sigkill_resume_and_resume_at_world_1(tmp_path: Path) -> None:
     args = ("--batch", "2", "--steps", "6", "--save-every", "2", "--parallel", "fsdp")
     _run(tmp_path / "whole", 2, *args)

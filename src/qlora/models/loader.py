@@ -44,7 +44,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ from qlora.quant.codebooks import BaseKind
 from qlora.quant.dequant import dequantize
 from qlora.quant.state import QuantState
 
-__all__ = ["LoadInfo", "load_model", "resolve_checkpoint"]
+__all__ = ["BlockSink", "LoadInfo", "load_model", "resolve_checkpoint"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -234,7 +234,7 @@ def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
     (these modules have no parameters, so this is cheap) and swapped in.
     """
     for name, module in list(model.named_modules()):
-        meta = [b for b in module._non_persistent_buffers_set if _is_meta(module._buffers[b])]
+        meta = [b for b in module._non_persistent_buffers_set if _is_meta(module._buffers.get(b))]
         if not meta:
             continue
         if any(True for _ in module.parameters(recurse=False)) or not hasattr(module, "config"):
@@ -472,6 +472,30 @@ def _gguf_base(plan: _Plan, config: Any, prequantized: bool) -> GGUFBase | None:
     return GGUFBase(path, config)
 
 
+class BlockSink(Protocol):
+    """Takes each decoder layer as soon as it has loaded (`load_model`'s ``blocks``).
+
+    ``start`` gets the meta-device skeleton before any tensor is read; ``block`` gets each
+    decoder layer (``name`` its path in the model) once all its tensors are in and its
+    targets are `QuantLinear`. The sink may change the layer in place (add adapters, shard
+    it); the loader does not touch it again.
+    """
+
+    def start(self, skeleton: nn.Module) -> None: ...
+
+    def block(self, name: str, layer: nn.Module) -> None: ...
+
+
+def _decoder_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """Path -> module of each decoder layer (``<prefix>.layers.<i>``); {} for other layouts."""
+    decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return {}
+    wanted = {id(layer) for layer in layers}
+    return {name: m for name, m in model.named_modules() if id(m) in wanted}
+
+
 def _skeleton(config: Any, plan: _Plan) -> nn.Module:
     """Stage 4: the architecture on the meta device (shapes only, no memory)."""
     from transformers import AutoModelForCausalLM
@@ -490,7 +514,12 @@ class _Stream:
     """
 
     def __init__(
-        self, model: nn.Module, plan: _Plan, info: LoadInfo, gguf_base: GGUFBase | None = None
+        self,
+        model: nn.Module,
+        plan: _Plan,
+        info: LoadInfo,
+        gguf_base: GGUFBase | None = None,
+        sink: BlockSink | None = None,
     ) -> None:
         self.model, self.plan, self.info, self.gguf_base = model, plan, info, gguf_base
         quantizing = plan.quant is not None or info.prequantized
@@ -499,6 +528,14 @@ class _Stream:
         self.pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # bnb groups
         self.states: dict[str, QuantState] = {}
         self.unexpected: list[str] = []
+        # the sink's decoder layers and the slot names each still waits for (a bitsandbytes
+        # pre-quantized layer completes only at stage 6: its layers go to the sink after)
+        self.sink = sink
+        self.delivered: set[str] = set()
+        self.waiting: dict[str, set[str]] = {}
+        if sink is not None and not info.prequantized:
+            for prefix in _decoder_blocks(model):
+                self.waiting[prefix] = {n for n in self.slots.places if n.startswith(prefix + ".")}
 
     def read(self, shards: list[Path], progress: bool) -> None:
         readers: list[SafetensorsReader] = []
@@ -527,7 +564,30 @@ class _Stream:
                 reader.close()
 
     def _take(self, reader: SafetensorsReader, key: str) -> None:
-        """Place checkpoint tensor ``key``: pending group, quantized state or model slot."""
+        """Place checkpoint tensor ``key``; hand a decoder layer it completes to the sink."""
+        name = self._place(reader, key)
+        if name is None or not self.waiting:
+            return
+        prefix = next((p for p in self.waiting if name.startswith(p + ".")), None)
+        if prefix is None:
+            return
+        self.waiting[prefix].discard(name)
+        if not self.waiting[prefix]:
+            del self.waiting[prefix]
+            self.deliver(prefix)
+
+    def deliver(self, prefix: str) -> None:
+        """Install the quantized targets of decoder layer ``prefix``; pass it to the sink."""
+        states = {o: self.states.pop(o) for o in list(self.states) if o.startswith(prefix + ".")}
+        _install_quantized(self.model, states, self, self.plan)
+        layer = self.model.get_submodule(prefix)
+        _rebuild_meta_buffers(layer, self.plan.device)
+        self.delivered.add(prefix)
+        self.sink.block(prefix, layer)  # type: ignore[union-attr]
+
+    def _place(self, reader: SafetensorsReader, key: str) -> str | None:
+        """Put checkpoint tensor ``key`` where it goes: pending group, quantized state or
+        model slot. Returns the model's name for it when it was placed whole, else None."""
         view = reader.get(key)
         check_finite(view, key, reader.path)
         module_name, _, leaf = key.partition(".weight.")
@@ -537,11 +597,11 @@ class _Stream:
                 self.unexpected.append(key)
             else:
                 self.pending[name.removesuffix(".weight")][key] = view.clone()
-            return
+            return None
         name = self.slots.resolve(key)
         if name is None:
             self.unexpected.append(key)
-            return
+            return None
         owner = name.rpartition(".")[0]
         is_target = name.endswith(".weight") and owner in self.targets
         plan, device = self.plan, self.plan.device
@@ -555,6 +615,7 @@ class _Stream:
             self.info.quantized_params += view.numel()
         elif is_target and view.dtype == torch.uint8:
             self.pending[owner][key] = view.clone()  # a bitsandbytes packed weight
+            return None
         elif is_target and plan.quant and plan.quant != "gguf" and not self.info.prequantized:
             check_shape(name, self.model.get_submodule(owner).weight.shape, view.shape)
             self.states[owner] = quantize(
@@ -565,6 +626,7 @@ class _Stream:
             target = plan.dtype if view.is_floating_point() else view.dtype
             self.slots.assign(name, view.to(device=device, dtype=target, copy=True))
             self.info.full_precision_bytes += view.numel() * target.itemsize
+        return name
 
     def quant_states(self) -> dict[str, QuantState]:
         """Stage 6: the quantized targets, bitsandbytes groups decoded into `QuantState`s."""
@@ -653,6 +715,7 @@ def load_model(
     trust_remote_code: bool | None = None,
     tokenizer: bool = True,
     progress: bool = True,
+    blocks: BlockSink | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM, quantizing its Linear layers while the tensors stream in.
 
@@ -683,6 +746,9 @@ def load_model(
             Default False: such a model is refused with an error naming the directory.
         tokenizer: also load the tokenizer (returns None in its place when False).
         progress: show a progress bar.
+        blocks: a `BlockSink` that takes each decoder layer as soon as it has loaded (FSDP
+            shards it there, so no process holds the whole base); the layers of a
+            bitsandbytes pre-quantized checkpoint go to it at the end of loading.
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode with ``model.qlora_load_info``.
@@ -711,10 +777,17 @@ def load_model(
     gguf_base = _gguf_base(plan, config, prequantized)
     model = _skeleton(config, plan)  # 4.
     info = LoadInfo(plan.source, directory, plan.quant, prequantized, shards=shards)
-    stream = _Stream(model, plan, info, gguf_base)
+    stream = _Stream(model, plan, info, gguf_base, blocks)
+    if blocks is not None:
+        blocks.start(model)
     stream.read(shards, progress)  # 5.
     _install_quantized(model, stream.quant_states(), stream, plan)  # 6., 7.
     _check_complete(model, stream, plan.device)  # 8.
+    if blocks is not None:  # the layers the stream did not complete (pre-quantized ones)
+        for prefix, layer in _decoder_blocks(model).items():
+            if prefix not in stream.delivered:
+                stream.delivered.add(prefix)
+                blocks.block(prefix, layer)
     if gguf_base is not None:
         info.gguf_blocks = gguf_base.summary()
         if gguf_base.full_precision:

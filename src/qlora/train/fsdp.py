@@ -37,13 +37,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from qlora.config import LoraConfig
 from qlora.nn.qlinear import QuantLinear
+from qlora.nn.staged_lora import StagedLora
 
 __all__ = [
     "GatherCounter",
+    "ShardWhileLoading",
     "full_tensors",
     "gathered_bytes",
     "gathered_trainable",
+    "held_bytes",
     "resident_base_bytes",
     "shard_for_training",
     "shard_like",
@@ -108,32 +112,101 @@ def _bf16_bytes(modules: Sequence[nn.Module], skip: set[int]) -> int:
     return total
 
 
+def _mesh(world_size: int, device: torch.device) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size,))
+
+
+def _shard_block(block: nn.Module, mesh: Any) -> None:
+    """``fully_shard`` one decoder layer, its packed base as parameters, with a counter."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in block.modules():
+        if isinstance(layer, QuantLinear):
+            layer.storage_as_parameters()
+    counter = GatherCounter(_bf16_bytes([block], set()))
+    fully_shard(block, mesh=mesh)
+    block.set_custom_all_gather(counter)
+    block.gather_counter = counter
+
+
 def shard_for_training(module: nn.Module, model: nn.Module, world_size: int) -> nn.Module:
     """``fully_shard`` each decoder layer of ``model``, then ``module`` (the root) around it.
 
-    ``module`` is the trainer's loss computation (it holds ``model``). Every group gets a
-    `GatherCounter`, listed in ``module.gather_counters``. Returns ``module``, now an FSDP2
-    module.
+    ``module`` is the trainer's loss computation (it holds ``model``). Layers sharded while
+    loading (`ShardWhileLoading`) are kept as they are. Every group gets a `GatherCounter`,
+    listed in ``module.gather_counters``. Returns ``module``, now an FSDP2 module.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (world_size,))
-    for layer in model.modules():
-        if isinstance(layer, QuantLinear):
-            layer.storage_as_parameters()
-    counters, in_blocks = [], set()
-    for block in _decoder_layers(model):
-        counters.append(GatherCounter(_bf16_bytes([block], set())))
-        in_blocks |= {id(p) for p in block.parameters()}
-        fully_shard(block, mesh=mesh)
-        block.set_custom_all_gather(counters[-1])
+    blocks = _decoder_layers(model)
+    sharded = [b for b in blocks if isinstance(b, FSDPModule)]
+    mesh = (
+        next(p for p in sharded[0].parameters() if isinstance(p, DTensor)).device_mesh
+        if sharded
+        else _mesh(world_size, next(model.parameters()).device)
+    )
+    for block in blocks:
+        if not isinstance(block, FSDPModule):
+            _shard_block(block, mesh)
+    # after sharding: fully_shard replaces each parameter by a new (DTensor) one
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    counters = [block.gather_counter for block in blocks]
     counters.append(GatherCounter(_bf16_bytes([module], in_blocks)))
     fully_shard(module, mesh=mesh)
     module.set_custom_all_gather(counters[-1])
     module.gather_counters = counters
     return module
+
+
+class ShardWhileLoading:
+    """A `qlora.models.loader.BlockSink` for FSDP: each decoder layer gets its adapters and is
+    sharded the moment it has loaded, so a rank holds at most one whole layer of the base
+    (plus its shards of the others and the parts outside the layers, sharded with the root
+    later), instead of the whole model as a plain load would.
+
+    The adapters are drawn before loading (`qlora.nn.staged_lora.StagedLora`), seeded with
+    ``seed`` right before, as the recipe seeds `add_lora`: the same adapters as a world-1 run.
+    ``peak_bytes`` is the most this rank held of the model (frozen and trainable, its local
+    shards of sharded tensors) while loading, measured as each layer arrived.
+    """
+
+    def __init__(self, lora: LoraConfig, seed: int, world_size: int, device: torch.device) -> None:
+        self.lora, self.seed, self.device = lora, seed, device
+        self.mesh = _mesh(world_size, device)
+        self.adapters: StagedLora | None = None
+        self.model: nn.Module | None = None
+        self.peak_bytes = 0
+
+    def start(self, skeleton: nn.Module) -> None:
+        torch.manual_seed(self.seed)
+        self.adapters = StagedLora(skeleton, self.lora, self.device)
+        self.model = skeleton
+
+    def block(self, name: str, layer: nn.Module) -> None:
+        assert self.adapters is not None and self.model is not None, "start() first"
+        self.adapters.attach(layer, name)
+        self.peak_bytes = max(self.peak_bytes, held_bytes(self.model))
+        _shard_block(layer, self.mesh)
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """After loading: the adapters outside the layers, frozen base, active adapter."""
+        assert self.adapters is not None, "start() first"
+        self.peak_bytes = max(self.peak_bytes, held_bytes(model))
+        return self.adapters.finish(model)
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s tensors this rank holds (meta ones hold none; DTensors: shards)."""
+    total, seen = 0, set()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen or tensor.device.type == "meta":
+            continue
+        seen.add(id(tensor))
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        total += local.numel() * local.element_size()
+    return total
 
 
 def gathered_bytes(module: nn.Module) -> tuple[int, int]:
