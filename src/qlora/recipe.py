@@ -25,7 +25,7 @@ from qlora.devices import resolve_device
 from qlora.files import atomic_write
 from qlora.nn import add_lora, init_loftq, trainable_report
 from qlora.train.fsdp import ShardWhileLoading, gathered_trainable
-from qlora.train.parallel import Distributed, distributed_session, rank_slice
+from qlora.train.parallel import Distributed, check_offload, distributed_session, rank_slice
 from qlora.train.run_dir import OutputDirError, RunDirectory, claim_output_dir
 
 if TYPE_CHECKING:
@@ -154,9 +154,11 @@ def _run_in(
     loftq = config.lora.init == "loftq"  # LoftQ quantizes from the full-precision weights
     full_precision = dataclasses.replace(config, quant=dataclasses.replace(config.quant, kind=None))
     # FSDP: each layer gets its adapters and is sharded as it loads (no rank holds the base)
-    sink = None
+    sink, offload = None, config.train.cpu_offload
+    check_offload(offload, place)  # before any loading time is spent
     if place.mode == "fsdp" and not loftq:
-        sink = ShardWhileLoading(config.lora, config.train.seed, place.world_size, place.device)
+        seed = config.train.seed
+        sink = ShardWhileLoading(config.lora, seed, place.world_size, place.device, offload)
     model, tokenizer = load_base(full_precision if loftq else config, progress, sink)
     if sink is not None:  # the adapters were drawn before loading, seeded as below
         sink.finish(model)

@@ -256,6 +256,10 @@ class TrainConfig:
             than one process), "none" (refuses to run under such a job). A plain
             ``qlora train`` is one process whatever this says. ``batch_size`` is per rank:
             the global batch is batch_size x grad_accum x world size. See qlora.train.parallel.
+        cpu_offload: with parallel "fsdp" on CUDA ranks, keep each rank's shards (base,
+            adapters, their gradients, AdamW's moments) in host memory and copy a layer to
+            the GPU for its all-gather (FSDP2's CPUOffloadPolicy): a bigger base per GPU, at
+            the cost of PCIe traffic and an optimizer step on the CPU.
     """
 
     SECTION: ClassVar[str] = "train"
@@ -283,6 +287,7 @@ class TrainConfig:
     tensorboard: bool = False
     adapter_dtype: AdapterDtype = "float32"
     parallel: ParallelMode = "auto"
+    cpu_offload: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -118,7 +118,13 @@ def _mesh(world_size: int, device: torch.device) -> Any:
     return init_device_mesh(device.type, (world_size,))
 
 
-def _shard_block(block: nn.Module, mesh: Any) -> None:
+def _offload(cpu_offload: bool) -> Any:
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    return CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+
+
+def _shard_block(block: nn.Module, mesh: Any, cpu_offload: bool = False) -> None:
     """``fully_shard`` one decoder layer, its packed base as parameters, with a counter."""
     from torch.distributed.fsdp import fully_shard
 
@@ -126,17 +132,20 @@ def _shard_block(block: nn.Module, mesh: Any) -> None:
         if isinstance(layer, QuantLinear):
             layer.storage_as_parameters()
     counter = GatherCounter(_bf16_bytes([block], set()))
-    fully_shard(block, mesh=mesh)
+    fully_shard(block, mesh=mesh, offload_policy=_offload(cpu_offload))
     block.set_custom_all_gather(counter)
     block.gather_counter = counter
 
 
-def shard_for_training(module: nn.Module, model: nn.Module, world_size: int) -> nn.Module:
+def shard_for_training(
+    module: nn.Module, model: nn.Module, world_size: int, cpu_offload: bool = False
+) -> nn.Module:
     """``fully_shard`` each decoder layer of ``model``, then ``module`` (the root) around it.
 
     ``module`` is the trainer's loss computation (it holds ``model``). Layers sharded while
     loading (`ShardWhileLoading`) are kept as they are. Every group gets a `GatherCounter`,
-    listed in ``module.gather_counters``. Returns ``module``, now an FSDP2 module.
+    listed in ``module.gather_counters``. ``cpu_offload``: every group's shards rest in host
+    memory (FSDP2's ``CPUOffloadPolicy``; CUDA ranks). Returns ``module``, now FSDP2's.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -149,12 +158,12 @@ def shard_for_training(module: nn.Module, model: nn.Module, world_size: int) -> 
     )
     for block in blocks:
         if not isinstance(block, FSDPModule):
-            _shard_block(block, mesh)
+            _shard_block(block, mesh, cpu_offload)
     # after sharding: fully_shard replaces each parameter by a new (DTensor) one
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
     counters = [block.gather_counter for block in blocks]
     counters.append(GatherCounter(_bf16_bytes([module], in_blocks)))
-    fully_shard(module, mesh=mesh)
+    fully_shard(module, mesh=mesh, offload_policy=_offload(cpu_offload))
     module.set_custom_all_gather(counters[-1])
     module.gather_counters = counters
     return module
@@ -172,8 +181,15 @@ class ShardWhileLoading:
     shards of sharded tensors) while loading, measured as each layer arrived.
     """
 
-    def __init__(self, lora: LoraConfig, seed: int, world_size: int, device: torch.device) -> None:
-        self.lora, self.seed, self.device = lora, seed, device
+    def __init__(
+        self,
+        lora: LoraConfig,
+        seed: int,
+        world_size: int,
+        device: torch.device,
+        cpu_offload: bool = False,
+    ) -> None:
+        self.lora, self.seed, self.device, self.cpu_offload = lora, seed, device, cpu_offload
         self.mesh = _mesh(world_size, device)
         self.adapters: StagedLora | None = None
         self.model: nn.Module | None = None
@@ -188,7 +204,7 @@ class ShardWhileLoading:
         assert self.adapters is not None and self.model is not None, "start() first"
         self.adapters.attach(layer, name)
         self.peak_bytes = max(self.peak_bytes, held_bytes(self.model))
-        _shard_block(layer, self.mesh)
+        _shard_block(layer, self.mesh, self.cpu_offload)
 
     def finish(self, model: nn.Module) -> nn.Module:
         """After loading: the adapters outside the layers, frozen base, active adapter."""

@@ -50,6 +50,7 @@ __all__ = [
     "Distributed",
     "ParallelError",
     "TrainingModule",
+    "check_offload",
     "distributed_session",
     "rank_slice",
     "torchrun_world",
@@ -205,11 +206,13 @@ class TrainingModule(nn.Module):
     prepares its gradient reduction in *its* forward, so the whole computation goes there.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Any) -> None:
+    def __init__(self, model: nn.Module, loss_fn: Any, device: torch.device) -> None:
         super().__init__()
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.loss_fn, self.device = model, loss_fn, device
 
     def forward(self, batch: dict[str, torch.Tensor], chunk: int) -> tuple[torch.Tensor, int]:
+        # to the compute device (under FSDP CPU offload the parameters rest on the CPU)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         return self.loss_fn(self.model, batch, chunk)
 
 
@@ -221,7 +224,26 @@ def _broadcast_trainable(model: nn.Module) -> None:
                 dist.broadcast(param.data, src=0)
 
 
-def wrap_for_training(model: nn.Module, loss_fn: Any, place: Distributed) -> nn.Module:
+def check_offload(cpu_offload: bool, place: Distributed) -> None:
+    """``train.cpu_offload`` needs FSDP on CUDA ranks; anything else is refused, saying why."""
+    if not cpu_offload:
+        return
+    if place.mode != "fsdp":
+        raise ParallelError(
+            "train.cpu_offload offloads FSDP's shards: it needs train.parallel=fsdp under "
+            f"torchrun with more than one process (this run: {place.mode}, world "
+            f"{place.world_size}); drop it, or launch with torchrun and fsdp"
+        )
+    if place.device.type != "cuda":
+        raise ParallelError(
+            f"train.cpu_offload moves FSDP's shards from the GPU to host memory; these ranks "
+            f"run on {place.device.type}, whose shards are in host memory already: drop it"
+        )
+
+
+def wrap_for_training(
+    model: nn.Module, loss_fn: Any, place: Distributed, cpu_offload: bool = False
+) -> nn.Module:
     """The module the trainer calls for a micro-batch's loss: ``module(batch, chunk)``.
 
     World 1: `TrainingModule` itself. DDP: that module under ``DistributedDataParallel``,
@@ -229,7 +251,9 @@ def wrap_for_training(model: nn.Module, loss_fn: Any, place: Distributed) -> nn.
     (`qlora.train.fsdp.shard_for_training`; its parameters become DTensors) and that module
     the root of the shards.
     """
-    module = TrainingModule(model, loss_fn)
+    check_offload(cpu_offload, place)
+    device = place.device if cpu_offload else next(model.parameters()).device
+    module = TrainingModule(model, loss_fn, device)
     if place.mode == "none":
         return module
     if place.mode == "ddp":
@@ -245,7 +269,7 @@ def wrap_for_training(model: nn.Module, loss_fn: Any, place: Distributed) -> nn.
         from qlora.train.fsdp import shard_for_training
 
         try:
-            return shard_for_training(module, model, place.world_size)
+            return shard_for_training(module, model, place.world_size, cpu_offload)
         except ValueError as err:
             raise ParallelError(str(err)) from None
     raise ParallelError(f"train.parallel={place.mode}: unknown; choose none, ddp or fsdp")

@@ -261,10 +261,10 @@ class _Run:
             )
         # FSDP checkpoints are written by every rank when rank 0 has a run directory
         self.shards_saved = place.mode == "fsdp" and bool(place.broadcast(self.main))
-        self.loss_model = wrap_for_training(model, _forward, place)
+        self.loss_model = wrap_for_training(model, _forward, place, config.cpu_offload)
         # after wrapping: FSDP2 replaces the parameters with sharded ones
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.device = self.params[0].device
+        self.device = place.device if config.cpu_offload else self.params[0].device
         per_epoch = len(_batches(train_data, 0))
         if per_epoch == 0:
             raise TrainingError("the training data has no batches")
