@@ -17,6 +17,7 @@ import torch.distributed as dist
 from qlora import LoraConfig, QuantConfig, add_lora, quantize_model
 from qlora.config import TrainConfig
 from qlora.data import BatchLoader
+from qlora.train.checkpoint import checkpoint_dirs
 from qlora.train.fsdp import full_tensors
 from qlora.train.parallel import Distributed, ParallelError, check_offload
 from qlora.train.trainer import train
@@ -40,7 +41,9 @@ def group(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _train(out: Path, device: str, place: Distributed | None, offload: bool) -> tuple:
+def _train(
+    out: Path, device: str, place: Distributed | None, offload: bool, save_every: int = 0
+) -> tuple:
     model = quantize_model(tiny_llama(vocab=VOCAB, seed=0), QuantConfig(kind="nf4")).to(device)
     torch.manual_seed(1)
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
@@ -49,8 +52,8 @@ def _train(out: Path, device: str, place: Distributed | None, offload: bool) -> 
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)))
     config = TrainConfig(
-        output_dir=str(out), batch_size=4, max_steps=3, lr=2e-3, warmup_steps=0,
-        cpu_offload=offload, malloc_mmap_kb=0,
+        output_dir=str(out), batch_size=4, max_steps=4, lr=2e-3, warmup_steps=0,
+        cpu_offload=offload, malloc_mmap_kb=0, save_every=save_every,
     )  # fmt: skip
     batches = list(BatchLoader(examples(), 4, 0, seed=3))
     kwargs = {"place": place} if place is not None else {}
@@ -68,8 +71,12 @@ def _compare(a: tuple, b: tuple) -> None:
 
 def test_fsdp_on_a_world_of_one_equals_the_plain_trainer(tmp_path: Path, group: None) -> None:
     plain = _train(tmp_path / "plain", "cpu", None, offload=False)
-    sharded = _train(tmp_path / "fsdp", "cpu", Distributed(mode="fsdp"), offload=False)
+    fsdp = Distributed(mode="fsdp")
+    sharded = _train(tmp_path / "fsdp", "cpu", fsdp, offload=False, save_every=1)
     _compare(plain, sharded)
+    # sharded checkpoints are pruned like the others (the newest two kept)
+    assert [step for step, _ in checkpoint_dirs(tmp_path / "fsdp")] == [2, 3]
+    assert (tmp_path / "fsdp" / "checkpoint-3" / "shard-00000-of-00001.safetensors").is_file()
 
 
 @requires_cuda

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,7 @@ __all__ = [
     "decode_state",
     "encode_state",
     "load_checkpoint",
+    "only_checkpoint_files",
     "rng_state",
     "save_checkpoint",
     "save_sharded_checkpoint",
@@ -186,6 +188,15 @@ def _key(key: Any) -> Any:
 
 
 # --- directories -----------------------------------------------------------------------------
+
+
+def only_checkpoint_files(path: Path) -> bool:
+    """Whether directory ``path`` holds nothing but files a checkpoint is made of (ours to
+    delete when pruning or starting over: a user's file beside them keeps the directory)."""
+    return all(
+        p.name in CHECKPOINT_FILES or re.fullmatch(r"shard-\d{5}-of-\d{5}\.safetensors", p.name)
+        for p in path.iterdir()
+    )
 
 
 def checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from qlora.files import atomic_write, name_listing
-from qlora.train.checkpoint import CHECKPOINT_FILES, checkpoint_dirs, checkpoint_run_id
+from qlora.train.checkpoint import checkpoint_dirs, checkpoint_run_id, only_checkpoint_files
 
 __all__ = ["LOCK_FILE", "MARKER_FILE", "OutputDirError", "RunDirectory", "claim_output_dir"]
 
@@ -70,7 +70,7 @@ class RunDirectory:
     def prune(self, keep: int) -> None:
         """Delete this run's checkpoints but the newest ``keep``; never another run's."""
         for _, path in self.own_checkpoints()[:-keep]:
-            if {p.name for p in path.iterdir()} <= set(CHECKPOINT_FILES):
+            if only_checkpoint_files(path):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -100,9 +100,7 @@ def _earlier_outputs(path: Path) -> list[str]:
 def _start_over(path: Path, run_id: str) -> None:
     """``overwrite``: delete the earlier run's checkpoints (ours by name and content)."""
     for _, ckpt in checkpoint_dirs(path):
-        if {p.name for p in ckpt.iterdir()} <= set(CHECKPOINT_FILES) and checkpoint_run_id(
-            ckpt
-        ) not in (None, run_id):
+        if only_checkpoint_files(ckpt) and checkpoint_run_id(ckpt) not in (None, run_id):
             shutil.rmtree(ckpt)
     with contextlib.suppress(FileNotFoundError):
         (path / "latest").unlink()
