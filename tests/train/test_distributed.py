@@ -133,14 +133,21 @@ def test_a_world_2_checkpoint_resumes_at_world_1(tmp_path: Path) -> None:
     _assert_close(adapters, whole_adapters, 1e-5)
 
 
-def test_fsdp_world_2_shards_the_packed_base_and_equals_world_1(tmp_path: Path) -> None:
-    common = ("--steps", "3", "--quant", "nf4", "--hidden", "512", "--eval")
+def _fsdp_2_against_world_1(tmp_path: Path, *common: str) -> tuple[dict, dict, dict]:
+    """World 1 with batch 4 and FSDP world 2 with batch 2 a rank: their losses and adapters
+    agree within 1e-4. Returns world 1's record, world 2's adapters and rank 0's record."""
     _run(tmp_path / "w1", 1, "--batch", "4", *common)
     _run(tmp_path / "w2", 2, "--batch", "2", "--parallel", "fsdp", *common)
     losses1, adapters1, record1 = _result(tmp_path / "w1")
     losses2, adapters2, record2 = _result(tmp_path / "w2")
     assert max(abs(x - y) for x, y in zip(losses1, losses2, strict=True)) <= 1e-4
     _assert_close(adapters1, adapters2, 1e-4)
+    return record1, adapters2, record2
+
+
+def test_fsdp_world_2_shards_the_packed_base_and_equals_world_1(tmp_path: Path) -> None:
+    common = ("--steps", "3", "--quant", "nf4", "--hidden", "512", "--eval")
+    record1, adapters2, record2 = _fsdp_2_against_world_1(tmp_path, *common)
     assert abs(record1["eval_loss"] - record2["eval_loss"]) <= 1e-4
     for rank in (0, 1):
         _, adapters_rank, record = _result(tmp_path / "w2", rank)
@@ -162,13 +169,8 @@ def test_fsdp_loads_each_layer_straight_into_shards(tmp_path: Path) -> None:
     model = tiny_llama(vocab=96, seed=0, layers=12, hidden=128, intermediate=256, tied=True)
     model.save_pretrained(tmp_path / "base")
     common = ("--steps", "3", "--quant", "nf4", "--load-from", str(tmp_path / "base"))
-    _run(tmp_path / "w1", 1, "--batch", "4", *common)
-    _run(tmp_path / "w2", 2, "--batch", "2", "--parallel", "fsdp", *common)
-    losses1, adapters1, record1 = _result(tmp_path / "w1")
-    losses2, adapters2, _ = _result(tmp_path / "w2")
     # the adapters drawn before loading equal add_lora's after it: the runs agree
-    assert max(abs(x - y) for x, y in zip(losses1, losses2, strict=True)) <= 1e-4
-    _assert_close(adapters1, adapters2, 1e-4)
+    record1, _, _ = _fsdp_2_against_world_1(tmp_path, *common)
     for rank in (0, 1):
         _, _, record = _result(tmp_path / "w2", rank)
         # while loading, a rank held its half of the layers loaded so far, one whole layer

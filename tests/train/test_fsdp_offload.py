@@ -7,7 +7,6 @@ and on a GPU the same with the shards offloaded to the CPU. The refusals run eve
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,19 +25,6 @@ from tests.tiny_models import tiny_llama
 from tests.train.dist_child import VOCAB, examples
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
-
-
-@pytest.fixture
-def group(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[None]:
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    backend = "nccl" if request.node.get_closest_marker("gpu") else "gloo"
-    store = f"file://{tmp_path / 'store'}"
-    dist.init_process_group(backend, init_method=store, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _train(
@@ -69,7 +55,9 @@ def _compare(a: tuple, b: tuple) -> None:
     assert max(float((a[1][k] - b[1][k]).abs().max()) for k in a[1]) <= 1e-5
 
 
-def test_fsdp_on_a_world_of_one_equals_the_plain_trainer(tmp_path: Path, group: None) -> None:
+def test_fsdp_on_a_world_of_one_equals_the_plain_trainer(
+    tmp_path: Path, world_of_one: None
+) -> None:
     plain = _train(tmp_path / "plain", "cpu", None, offload=False)
     fsdp = Distributed(mode="fsdp")
     sharded = _train(tmp_path / "fsdp", "cpu", fsdp, offload=False, save_every=1)
@@ -81,7 +69,7 @@ def test_fsdp_on_a_world_of_one_equals_the_plain_trainer(tmp_path: Path, group: 
 
 @requires_cuda
 @pytest.mark.gpu
-def test_cpu_offload_on_cuda_equals_fsdp_without_it(tmp_path: Path, group: None) -> None:
+def test_cpu_offload_on_cuda_equals_fsdp_without_it(tmp_path: Path, world_of_one: None) -> None:
     place = Distributed(mode="fsdp", device=torch.device("cuda", 0))
     on_device = _train(tmp_path / "gpu", "cuda", place, offload=False)
     offloaded = _train(tmp_path / "offload", "cuda", place, offload=True)

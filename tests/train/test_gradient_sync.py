@@ -7,9 +7,6 @@ a world of 1; its accumulation is covered by the two-process parity tests.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,26 +17,13 @@ from qlora.train.parallel import gradient_sync
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 
 
-@pytest.fixture
-def group(tmp_path: Path) -> Iterator[None]:
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def _accumulate(module: nn.Module, micro_steps: int) -> None:
     for i in range(micro_steps):
         with gradient_sync(module, enabled=i == micro_steps - 1):
             module(torch.randn(3, 8)).sum().backward()
 
 
-def test_ddp_reduces_only_on_the_last_micro_step(group: None) -> None:
+def test_ddp_reduces_only_on_the_last_micro_step(world_of_one: None) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(nn.Linear(8, 4))
     calls = []
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,16 +29,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distri
 
 
 @pytest.fixture
-def place(tmp_path: Path) -> Iterator[Distributed]:
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield Distributed(rank=0, world_size=1, mode="fsdp")
-    finally:
-        dist.destroy_process_group()
+def place(world_of_one: None) -> Distributed:
+    return Distributed(rank=0, world_size=1, mode="fsdp")
 
 
 def _state() -> dict:

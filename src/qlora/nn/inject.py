@@ -33,6 +33,8 @@ from qlora.nn.qlinear import QuantLinear
 
 __all__ = [
     "TrainableReport",
+    "activate_lora",
+    "add_configured_adapter",
     "add_lora",
     "disable_adapters",
     "find_targets",
@@ -243,7 +245,6 @@ def add_lora(
     """
     if config.bias != "none":
         raise ValueError(f"lora.bias={config.bias!r} is not supported; only 'none'")
-    init = "kaiming" if config.init == "loftq" else config.init
     for name in find_targets(model, config.target_modules, config.exclude_modules):
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
@@ -252,14 +253,25 @@ def add_lora(
             layer = LoRALinear(module)
             layer.train(module.training)  # follow the model's mode (eval after load_model)
             replace_module(model, name, layer)
-        layer.add_adapter(
-            adapter_name,
-            r=config.r,
-            alpha=config.alpha,
-            dropout=config.dropout,
-            use_rslora=config.use_rslora,
-            init=init,
-        )
+        add_configured_adapter(layer, adapter_name, config)
+    return activate_lora(model, adapter_name, config)
+
+
+def add_configured_adapter(layer: LoRALinear, adapter_name: str, config: LoraConfig) -> None:
+    """``layer.add_adapter`` as ``config`` says (``init="loftq"`` starts as "kaiming")."""
+    layer.add_adapter(
+        adapter_name,
+        r=config.r,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        use_rslora=config.use_rslora,
+        init="kaiming" if config.init == "loftq" else config.init,
+    )
+
+
+def activate_lora(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
+    """`add_lora`'s last step: everything but the LoRA weights frozen, ``adapter_name`` the
+    active adapter, ``config`` recorded in ``model.lora_configs``. Returns ``model``."""
     _freeze_all_but_lora(model)
     set_adapter(model, adapter_name)
     configs: dict[str, LoraConfig] = dict(getattr(model, "lora_configs", None) or {})

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from qlora.config import LoraConfig
-from qlora.nn.inject import _freeze_all_but_lora, find_targets, replace_module, set_adapter
+from qlora.nn.inject import (
+    _freeze_all_but_lora,
+    activate_lora,
+    add_configured_adapter,
+    find_targets,
+    replace_module,
+    set_adapter,
+)
 from qlora.nn.lora import LoRALinear
 
 __all__ = ["StagedLora"]
@@ -58,14 +65,7 @@ class StagedLora:
         for name in find_targets(skeleton, config.target_modules, config.exclude_modules):
             base = skeleton.get_submodule(name)
             layer = LoRALinear(_Shape(base.in_features, base.out_features, device))
-            layer.add_adapter(
-                adapter_name,
-                r=config.r,
-                alpha=config.alpha,
-                dropout=config.dropout,
-                use_rslora=config.use_rslora,
-                init=config.init,
-            )
+            add_configured_adapter(layer, adapter_name, config)
             self.pending[name] = layer
 
     def attach(self, block: nn.Module, prefix: str) -> None:
@@ -79,12 +79,7 @@ class StagedLora:
         """Attach what is left (targets outside the attached blocks) and end as `add_lora`
         does: all but the adapters frozen, the adapter active, the config recorded."""
         self._wrap(model, list(self.pending), "")
-        _freeze_all_but_lora(model)
-        set_adapter(model, self.adapter_name)
-        configs: dict[str, LoraConfig] = dict(getattr(model, "lora_configs", None) or {})
-        configs[self.adapter_name] = self.config
-        model.lora_configs = configs
-        return model
+        return activate_lora(model, self.adapter_name, self.config)
 
     def _wrap(self, root: nn.Module, names: list[str], prefix: str) -> None:
         for name in names:
