@@ -126,6 +126,8 @@ def decode_plan(model: nn.Module) -> DecodePlan:
     if len(names) > 1:
         return DecodePlan(f"several adapters are active ({', '.join(sorted(names))})")
     [name] = names
+    if any(name in layer.lora_magnitude_vector for layer in layers):
+        return DecodePlan(f"adapter {name!r} is DoRA (the batch decoder adds plain LoRA)")
     pairs = zip(layers, adding, strict=True)
     if any(name in layer.lora_A and name not in added for layer, added in pairs):
         return DecodePlan(f"adapter {name!r} is active on some of its layers only")

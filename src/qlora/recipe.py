@@ -156,7 +156,7 @@ def _run_in(
     # FSDP: each layer gets its adapters and is sharded as it loads (no rank holds the base)
     sink, offload = None, config.train.cpu_offload
     check_offload(offload, place)  # before any loading time is spent
-    if place.mode == "fsdp" and not loftq:
+    if place.mode == "fsdp" and not loftq and not config.lora.use_dora:
         seed = config.train.seed
         sink = ShardWhileLoading(config.lora, seed, place.world_size, place.device, offload)
     model, tokenizer = load_base(full_precision if loftq else config, progress, sink)

@@ -79,7 +79,7 @@ def test_missing_directory_and_files(saved: Path, tmp_path: Path) -> None:
     ("changes", "pattern"),
     [
         ({"peft_type": "IA3"}, r"peft_type is 'IA3'; only LoRA"),
-        ({"use_dora": True}, r"use_dora=True is not supported \(DoRA"),
+        ({"use_dora": True}, r"use_dora is true but .*lora_magnitude_vector is missing"),
         ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
         ({"lora_bias": True}, r"lora_bias=True is not supported"),
         ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' changes the base"),
@@ -115,9 +115,16 @@ def test_key_for_a_module_the_model_lacks(saved: Path, tmp_path: Path) -> None:
 
 def test_key_that_is_not_lora(saved: Path, tmp_path: Path) -> None:
     directory = _copy(saved, tmp_path)
+    extra = "base_model.model.model.layers.0.self_attn.q_proj.lora_embedding_A"
+    _edit_weights(directory, lambda t: t.update({extra: torch.ones(4, 64)}))
+    _fails(directory, AdapterFormatError, r"lora_embedding_A' is not a lora_A/lora_B weight")
+
+
+def test_dora_magnitude_in_a_plain_lora_file(saved: Path, tmp_path: Path) -> None:
+    directory = _copy(saved, tmp_path)
     extra = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
     _edit_weights(directory, lambda t: t.update({extra: torch.ones(64)}))
-    _fails(directory, AdapterFormatError, r"lora_magnitude_vector' is not a lora_A/lora_B weight")
+    _fails(directory, AdapterFormatError, r"is a DoRA magnitude, but adapter_config.json has no")
 
 
 def test_missing_b_weight(saved: Path, tmp_path: Path) -> None:

@@ -62,10 +62,14 @@ ADAPTER_DTYPES: tuple[str, ...] = typing.get_args(AdapterDtype)
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
 )
+# DoRA's magnitude per output row: PEFT writes <module>.lora_magnitude_vector (no .weight)
+MAGNITUDE = "lora_magnitude_vector"
+_MAGNITUDE_KEY = re.compile(
+    rf"^(?:base_model\.model\.)?(?P<module>.+)\.{MAGNITUDE}(?:\.[^.]+)?(?:\.weight)?$"
+)
 
 # Config keys that, when set, mean the file holds more than plain LoRA on Linear layers.
 _UNSUPPORTED: dict[str, str] = {
-    "use_dora": "DoRA adds a magnitude vector per layer",
     "lora_bias": "it trains a bias on lora_B",
     "fan_in_fan_out": "its weights are transposed for Conv1D layers",
     "modules_to_save": "it stores full copies of extra modules",
@@ -102,6 +106,7 @@ class Spec:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     dtype: AdapterDtype = "float32"  # the config's qlora_adapter_dtype ("float32": none)
+    use_dora: bool = False
 
     def pattern_value(self, pattern: dict[str, Any], module: str, default: Any) -> Any:
         """PEFT's rule: the first key that regex-matches a dotted suffix of the module name."""
@@ -199,6 +204,7 @@ def parse_config(path: Path) -> Spec:
         rank_pattern=patterns["rank_pattern"],
         alpha_pattern=patterns["alpha_pattern"],
         dtype=dtype,
+        use_dora=bool(raw.get("use_dora", False)),
     )
 
 
@@ -257,10 +263,15 @@ def decode_int8(
     scales = {
         k.removesuffix(ABSMAX_SUFFIX): t for k, t in tensors.items() if k.endswith(ABSMAX_SUFFIX)
     }
-    codes = {k: t for k, t in tensors.items() if not k.endswith(ABSMAX_SUFFIX)}
+    codes = {
+        k: t
+        for k, t in tensors.items()
+        if not k.endswith(ABSMAX_SUFFIX) and not _MAGNITUDE_KEY.match(k)
+    }
     for key in sorted(set(scales) - set(codes)):
         raise AdapterFormatError(f"{path}: {key}{ABSMAX_SUFFIX} has no codes tensor {key!r}")
-    decoded: dict[str, torch.Tensor] = {}
+    # DoRA magnitudes are stored float32 beside the codes
+    decoded = {k: t for k, t in tensors.items() if _MAGNITUDE_KEY.match(k)}
     for key, code in codes.items():
         shape = shapes.get(key)
         if shape is None or key not in scales:
@@ -288,6 +299,53 @@ def decode_int8(
         decoded[key] = (values.view(nblocks, blocksize) * scale.view(-1, 1)).view(-1)[:n]
         decoded[key] = decoded[key].view(shape)
     return decoded
+
+
+def split_magnitudes(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the A/B tensors, module name -> DoRA magnitude) of a weights file's tensors."""
+    plain, magnitudes = {}, {}
+    for key, tensor in tensors.items():
+        match = _MAGNITUDE_KEY.match(key)
+        if match is None:
+            plain[key] = tensor
+        else:
+            magnitudes[match["module"]] = tensor
+    return plain, magnitudes
+
+
+def check_magnitudes(
+    magnitudes: dict[str, torch.Tensor],
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    spec: Spec,
+    path: Path,
+) -> dict[str, torch.Tensor]:
+    """A DoRA file has one finite float magnitude [out] for each adapted layer; a plain
+    one has none. Returns ``magnitudes`` checked."""
+    if not spec.use_dora:
+        if magnitudes:
+            module = next(iter(magnitudes))
+            raise AdapterFormatError(
+                f"{path}: {PREFIX}{module}.{MAGNITUDE} is a DoRA magnitude, but "
+                f"{CONFIG_NAME} has no use_dora: true; the two files do not belong together"
+            )
+        return {}
+    for module in sorted(set(magnitudes) - set(pairs)):
+        raise AdapterFormatError(f"{path}: {module}.{MAGNITUDE} has no lora_A / lora_B beside it")
+    for module, (_, weight_b) in pairs.items():
+        magnitude = magnitudes.get(module)
+        key = f"{PREFIX}{module}.{MAGNITUDE}"
+        if magnitude is None:
+            raise AdapterFormatError(f"{path}: use_dora is true but {key} is missing")
+        if not magnitude.is_floating_point() or tuple(magnitude.shape) != (weight_b.shape[0],):
+            raise AdapterFormatError(
+                f"{path}: {key} is {magnitude.dtype} {list(magnitude.shape)}; DoRA needs a "
+                f"float vector of the layer's {weight_b.shape[0]} outputs"
+            )
+        if not bool(torch.isfinite(magnitude.float()).all()):
+            raise AdapterFormatError(f"{path}: {key} holds NaN/inf values; the adapter is corrupt")
+    return magnitudes
 
 
 def match_weights(
@@ -371,7 +429,9 @@ def check_finite(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path
 
 
 def check_pairs(tensors: dict[str, torch.Tensor], spec: Spec, path: Path) -> None:
-    """Without a model: every key a LoRA A or B, in pairs, 2-D, the config's rank, finite."""
+    """Without a model: every key a LoRA A or B, in pairs, 2-D, the config's rank, finite;
+    DoRA magnitudes where the config says so."""
+    tensors, magnitudes = split_magnitudes(tensors)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -397,3 +457,4 @@ def check_pairs(tensors: dict[str, torch.Tensor], spec: Spec, path: Path) -> Non
             )
         pairs[module] = (group["A"], group["B"])
     check_finite(pairs, path)
+    check_magnitudes(magnitudes, pairs, spec, path)

@@ -9,7 +9,9 @@ A directory holds two files:
   and ``rank_pattern`` / ``alpha_pattern`` for layers whose rank or alpha differ from the
   most common one.
 * ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` [r, in] and
-  ``...lora_B.weight`` [out, r]; no adapter name in the key (PEFT strips it on save).
+  ``...lora_B.weight`` [out, r]; no adapter name in the key (PEFT strips it on save). A
+  DoRA adapter (``"use_dora": true``) adds ``base_model.model.<module>.lora_magnitude_vector``
+  [out] per layer, as PEFT writes it (no ``.weight``); with ``dtype="int8"`` it stays float32.
 
 **Precision** (``dtype=``). ``"float32"`` (the default), ``"bfloat16"`` and ``"float16"``
 write the tensors above in that dtype: plain PEFT files, which PEFT loads as they are.
@@ -59,17 +61,20 @@ from qlora.adapters._peft_files import (
     CONFIG_NAME,
     DTYPE_KEY,
     INT8_BLOCKSIZE,
+    MAGNITUDE,
     PREFIX,
     SHAPES_KEY,
     WEIGHTS_NAME,
     AdapterFormatError,
     AdapterNotFoundError,
     check_finite,
+    check_magnitudes,
     check_pairs,
     find_files,
     match_weights,
     parse_config,
     read_weights,
+    split_magnitudes,
 )
 from qlora.config import AdapterDtype, ConfigError, LoraConfig
 from qlora.files import check_destination, refuse_source, staged_directory
@@ -218,6 +223,7 @@ def adapter_config(
         alpha_pattern={n: v for n, v in alphas.items() if v != alpha},
         target_modules=_minimal_suffixes([n for n, _ in layers], model),
         use_rslora=use_rslora,
+        use_dora=any(adapter in layer.lora_magnitude_vector for _, layer in layers),
     )
     return config
 
@@ -278,9 +284,13 @@ def encode_weights(
     if dtype != "int8":
         return _float_tensors(tensors, dtype), metadata
     stored: dict[str, torch.Tensor] = {}
+    shapes = {}
     for key, weight in tensors.items():
+        if key.endswith(MAGNITUDE):  # DoRA's [out] magnitudes: float32 beside the codes
+            stored[key] = weight.detach().cpu().float().contiguous()
+            continue
         stored.update(_int8_tensors(key, weight.detach().cpu()))
-    shapes = {key: list(weight.shape) for key, weight in tensors.items()}
+        shapes[key] = list(weight.shape)
     metadata.update({
         DTYPE_KEY: "int8",
         BLOCKSIZE_KEY: str(INT8_BLOCKSIZE),
@@ -353,6 +363,9 @@ def save_adapter(
     for name, layer in _layers_with(model, adapter):
         for ab, linear in (("A", layer.lora_A[adapter]), ("B", layer.lora_B[adapter])):
             tensors[f"{PREFIX}{name}.lora_{ab}.weight"] = linear.weight.detach().cpu()
+        if adapter in layer.lora_magnitude_vector:  # DoRA, under PEFT's key
+            magnitude = layer.lora_magnitude_vector[adapter]
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = magnitude.detach().cpu()
     _write(directory, tensors, config, dtype)
     return Path(directory)
 
@@ -435,8 +448,10 @@ def load_adapter(
     directory = Path(directory)
     config_path, weights_path = find_files(directory)
     spec = parse_config(config_path)
-    pairs = match_weights(model, read_weights(weights_path), spec, weights_path)
+    tensors, magnitudes = split_magnitudes(read_weights(weights_path))
+    pairs = match_weights(model, tensors, spec, weights_path)
     check_finite(pairs, weights_path)
+    magnitudes = check_magnitudes(magnitudes, pairs, spec, weights_path)
     existing = {a for _, layer in lora_layers(model) for a in layer.adapter_names}
     name = "default" if name is None else name
     if not name or "." in name:
@@ -452,6 +467,7 @@ def load_adapter(
             target_modules=order,
             use_rslora=spec.use_rslora,
             init=spec.init,
+            use_dora=spec.use_dora,
         )
     except ConfigError as err:
         raise AdapterFormatError(f"{config_path}: {err}") from None
@@ -463,10 +479,14 @@ def load_adapter(
         r, alpha = spec.rank_alpha(module)
         if (r, alpha) != (spec.r, spec.alpha):  # rank_pattern / alpha_pattern
             layer.delete_adapter(name)
-            layer.add_adapter(name, r, alpha, spec.dropout, spec.use_rslora, spec.init)
+            layer.add_adapter(
+                name, r, alpha, spec.dropout, spec.use_rslora, spec.init, use_dora=spec.use_dora
+            )
         with torch.no_grad():
             layer.lora_A[name].weight.copy_(weight_a)
             layer.lora_B[name].weight.copy_(weight_b)
+            if module in magnitudes:
+                layer.lora_magnitude_vector[name].copy_(magnitudes[module])
     if trainable or not any(previous.values()):
         set_adapter(model, name)
     else:
@@ -477,6 +497,8 @@ def load_adapter(
             if name in layer.lora_A:
                 layer.lora_A[name].weight.requires_grad_(False)
                 layer.lora_B[name].weight.requires_grad_(False)
+            if name in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[name].requires_grad_(False)
     return name
 
 
@@ -495,6 +517,12 @@ def read_adapter(
     directory = Path(directory)
     config_path, weights_path = find_files(directory)
     spec = parse_config(config_path)
+    if spec.use_dora:
+        raise AdapterFormatError(
+            f"{config_path}: a DoRA adapter (use_dora: true); it is applied by qlora's model "
+            "(load_adapter) or merged into the base (qlora merge / export), not served "
+            "unmerged next to plain LoRA adapters"
+        )
     pairs = match_weights(model, read_weights(weights_path), spec, weights_path)
     check_finite(pairs, weights_path)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}

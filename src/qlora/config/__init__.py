@@ -140,6 +140,9 @@ class LoraConfig:
             the base byte-identical to plain quantization (the adapter then works on any
             normally loaded base); more rounds change the base itself.
         bias: trainable biases; only "none" is supported (as in QLoRA).
+        use_dora: DoRA (weight-decomposed LoRA): a trainable magnitude per output row times
+            the direction of W + scaling·BA (over a k-bit base too: "QDoRA"). PEFT's
+            use_dora; see qlora.nn.dora.
     """
 
     SECTION: ClassVar[str] = "lora"
@@ -153,6 +156,7 @@ class LoraConfig:
     init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
     loftq_iters: int = 1
     bias: Literal["none"] = "none"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -162,6 +166,10 @@ class LoraConfig:
         _check_targets(self, "target_modules")
         require(self, "exclude_modules", all(self.exclude_modules), "non-empty names")
         require(self, "loftq_iters", self.loftq_iters >= 1, ">= 1")
+        require(
+            self, "use_dora", not (self.use_dora and self.init == "loftq"),
+            "false with init=loftq (LoftQ refits A and B after the magnitude is set)",
+        )  # fmt: skip
 
     @property
     def scaling(self) -> float:

@@ -180,6 +180,8 @@ def _fast_merge(module: nn.Module, delta: _DeltaBuffer) -> Callable[[], torch.Te
     if module.merged_adapters or module._unmerged_base is not None:
         return None
     names = [] if module.disabled else [n for n in module.active_adapters if n in module.lora_A]
+    if any(n in module.lora_magnitude_vector for n in names):
+        return None  # DoRA rescales rows: merged_weight's own path
     pairs = [(module.lora_B[n].weight, module.lora_A[n].weight, module.scaling[n]) for n in names]
     if any(b.dtype != torch.float32 or a.dtype != torch.float32 for b, a, _ in pairs):
         return None

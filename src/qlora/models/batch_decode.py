@@ -110,8 +110,14 @@ def adapter_weights(model: nn.Module, name: str) -> dict[str, LowRank]:
     copied), for a row of `BatchDecoder`.
 
     Raises:
-        ValueError: no layer has an adapter ``name``.
+        ValueError: no layer has an adapter ``name``, or it is a DoRA adapter (the decoder
+            adds plain low-rank updates; merge a DoRA adapter into the base to serve it).
     """
+    if any(name in layer.lora_magnitude_vector for _, layer in lora_layers(model)):
+        raise ValueError(
+            f"adapter {name!r} is DoRA: the batch decoder adds plain LoRA updates; merge it "
+            "into the base (qlora merge) to serve it"
+        )
     found = {
         path: (layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach(),
                layer.scaling[name])

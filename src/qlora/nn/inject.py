@@ -266,6 +266,7 @@ def add_configured_adapter(layer: LoRALinear, adapter_name: str, config: LoraCon
         dropout=config.dropout,
         use_rslora=config.use_rslora,
         init="kaiming" if config.init == "loftq" else config.init,
+        use_dora=config.use_dora,
     )
 
 
@@ -321,6 +322,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             double_quant=config.double_quant,
             compute_dtype=config.compute_dtype,
         )
+        quantized.train(module.training)  # a model in eval mode stays so (adapters follow it)
         replace_module(model, name, quantized)
     return model
 

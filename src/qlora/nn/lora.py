@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from qlora.nn.dora import base_row_norms_sq, weight_norm
 from qlora.nn.lora_fused import fused_lora, fused_lora_supported
 from qlora.nn.qlinear import QuantLinear
 
@@ -88,6 +89,8 @@ class LoRALinear(nn.Module):
         lora_B: adapter name -> ``nn.Linear(r, out, bias=False)``, weight [out, r].
         lora_dropout: adapter name -> ``nn.Dropout`` (``nn.Identity`` when p == 0).
         scaling: adapter name -> alpha / r (or alpha / sqrt(r) with rsLoRA).
+        lora_magnitude_vector: DoRA adapter name -> its trainable magnitude m [out]
+            (PEFT's name; see `qlora.nn.dora`). Plain LoRA adapters have no entry.
         active_adapters: names that currently contribute to forward.
         merged_adapters: names currently folded into ``base_layer``'s weight.
         disabled: when True forward returns the base output only.
@@ -116,7 +119,12 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
+        # DoRA: ‖W_j‖² of the base (float64 [out]), computed on first use, and each merged
+        # DoRA adapter's row factor m / n (to unmerge an nn.Linear base)
+        self._base_row_norms_sq: torch.Tensor | None = None
+        self._dora_factors: dict[str, torch.Tensor] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -166,6 +174,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         init: InitKind = "kaiming",
         dtype: torch.dtype = torch.float32,
+        use_dora: bool = False,
     ) -> None:
         """Add adapter ``name`` (inactive until `set_adapter`; its parameters are frozen).
 
@@ -181,6 +190,8 @@ class LoRALinear(nn.Module):
             use_rslora: rank-stabilized scaling.
             init: "kaiming" or "gaussian" (for A).
             dtype: adapter parameter dtype.
+            use_dora: DoRA: also a magnitude per output row, initialized to ‖W + s·B·A‖
+                (= ‖W‖ with B = 0), so that the layer's output starts unchanged.
         """
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
@@ -211,6 +222,23 @@ class LoRALinear(nn.Module):
         for module in (lora_a, lora_b, self.lora_dropout[name]):
             module.train(self.training)  # an adapter added to a model in eval mode stays eval
         self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
+        if use_dora:
+            magnitude = self.dora_weight_norm(name).to(dtype)  # [out]
+            self.lora_magnitude_vector[name] = nn.Parameter(magnitude, requires_grad=False)
+
+    def dora_weight_norm(self, name: str) -> torch.Tensor:
+        """‖W + s·B·A‖ per output row [out] for adapter ``name`` (float32, no gradient), by
+        `qlora.nn.dora.weight_norm`'s closed form (no dense merged weight)."""
+        device = self.lora_A[name].weight.device
+        if self._base_row_norms_sq is None or self._base_row_norms_sq.device != device:
+            self._base_row_norms_sq = base_row_norms_sq(self.base_layer).to(device)
+        return weight_norm(
+            self.base_layer,
+            self._base_row_norms_sq,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+        )
 
     def set_adapter(self, names: str | Iterable[str]) -> None:
         """Make ``names`` the active adapters: they train (requires_grad) and contribute.
@@ -234,6 +262,8 @@ class LoRALinear(nn.Module):
             on = name in wanted
             self.lora_A[name].weight.requires_grad_(on)
             self.lora_B[name].weight.requires_grad_(on)
+            if name in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[name].requires_grad_(on)
         self.active_adapters = wanted
 
     def delete_adapter(self, name: str) -> None:
@@ -246,6 +276,8 @@ class LoRALinear(nn.Module):
         del self.lora_B[name]
         del self.lora_dropout[name]
         del self.scaling[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     # -- forward -------------------------------------------------------------------------------
@@ -263,8 +295,13 @@ class LoRALinear(nn.Module):
             unmerge_adapter(self)
         if not self.disabled and len(self.active_adapters) == 1 and not self.merged_adapters:
             name = self.active_adapters[0]
-            if name in self.lora_A and fused_lora_supported(
-                self.base_layer, x, self.lora_A[name].weight, self.lora_dropout[name]
+            dora = name in self.lora_magnitude_vector
+            if (
+                name in self.lora_A
+                and not dora
+                and fused_lora_supported(
+                    self.base_layer, x, self.lora_A[name].weight, self.lora_dropout[name]
+                )
             ):
                 return fused_lora(
                     x,
@@ -290,9 +327,34 @@ class LoRALinear(nn.Module):
             lora_a = self.lora_A[name]
             # Cast x to the adapter dtype (fp32 by default) so the update is computed at the
             # adapter's precision, not the (possibly bf16) activations'.
-            h = self.lora_dropout[name](x.to(lora_a.weight.dtype))  # [.., in]
+            h = x.to(lora_a.weight.dtype)
+            if name in self.lora_magnitude_vector:
+                result = result + self._dora_update(name, h, result)
+                continue
+            h = self.lora_dropout[name](h)  # [.., in]
             result = result + self.lora_B[name](lora_a(h)) * self.scaling[name]  # [.., out]
         return result.to(out_dtype)
+
+    def _dora_update(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to ``result`` (the output so far), as PEFT computes it:
+
+            (m/n - 1) ⊙ base_result + (m/n) ⊙ s·B·A·x,      n = ‖W + s·B·A‖ (detached)
+
+        so that result + this = bias + (m/n) ⊙ (W x + s·B·A x). ``base_result`` is ``result``
+        without the bias when dropout is off (eval, or p = 0); with dropout on, PEFT
+        multiplies the dropped-out input by W again, and so does this.
+        """
+        dropout = self.lora_dropout[name]
+        bias = getattr(self.base_layer, "bias", None)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_result = result if bias is None else result - bias  # [.., out]
+        else:
+            x = dropout(x)
+            base_result = self.base_layer(x)
+            base_result = base_result if bias is None else base_result - bias
+        scale = self.lora_magnitude_vector[name] / self.dora_weight_norm(name)  # [out]
+        lora_result = self.lora_B[name](self.lora_A[name](x))  # [.., out]
+        return (scale - 1) * base_result + scale * lora_result * self.scaling[name]
 
     def extra_repr(self) -> str:
         ranks = {n: self.lora_A[n].out_features for n in self.lora_A}
@@ -362,6 +424,13 @@ def merged_weight(layer: LoRALinear, names: str | Iterable[str] | None = None) -
     for name in names:
         dtype = torch.promote_types(dtype, layer.lora_A[name].weight.dtype)
     weight = weight.to(dtype=dtype, copy=True)
+    if any(n in layer.lora_magnitude_vector for n in [*names, *merged_now]):
+        # DoRA rescales rows: take the merged adapters out in reverse, then fold in order
+        for name in reversed(merged_now):
+            _unfold(layer, name, weight)
+        for name in names:
+            _fold(layer, name, weight)
+        return weight
     for name in names:
         if name not in merged_now:
             weight += delta_weight(layer, name).to(dtype)
@@ -369,6 +438,34 @@ def merged_weight(layer: LoRALinear, names: str | Iterable[str] | None = None) -
         if name not in names:
             weight -= delta_weight(layer, name).to(dtype)
     return weight
+
+
+def _fold(layer: LoRALinear, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+    """weight += adapter ``name`` in place: W + Δ, or for DoRA (m/‖W + Δ‖) ⊙ (W + Δ).
+
+    Returns DoRA's row factor m/‖W + Δ‖ [out] (what unfolding needs), else None.
+    """
+    delta = delta_weight(layer, name)  # [out, in]
+    if name not in layer.lora_magnitude_vector:
+        weight += delta.to(weight.dtype)
+        return None
+    folded = weight.float() + delta.float()  # [out, in]
+    factor = layer.lora_magnitude_vector[name].detach().float() / torch.linalg.norm(folded, dim=1)
+    weight.copy_(folded * factor[:, None])
+    return factor
+
+
+def _unfold(
+    layer: LoRALinear, name: str, weight: torch.Tensor, factor: torch.Tensor | None = None
+) -> None:
+    """The inverse of `_fold` in place (DoRA: W / factor - Δ, ``factor`` as `_fold` gave)."""
+    delta = delta_weight(layer, name)
+    if name not in layer.lora_magnitude_vector:
+        weight -= delta.to(weight.dtype)
+        return
+    if factor is None:
+        factor = layer._dora_factors[name]
+    weight.copy_(weight.float() / factor[:, None] - delta.float())
 
 
 @torch.no_grad()
@@ -399,7 +496,7 @@ def merge_adapter(layer: LoRALinear, names: str | Iterable[str] | None = None) -
         dtype = base_weight_dtype(base)
         weight = base.dequantized_weight(torch.float32)  # [out, in]
         for name in names:
-            weight += delta_weight(layer, name).to(torch.float32)
+            _fold(layer, name, weight)
         dense = nn.Linear(
             base.in_features,
             base.out_features,
@@ -415,8 +512,11 @@ def merge_adapter(layer: LoRALinear, names: str | Iterable[str] | None = None) -
         layer.base_layer = dense
     else:
         for name in names:
-            base.weight += delta_weight(layer, name).to(base.weight.dtype)
+            factor = _fold(layer, name, base.weight)
+            if factor is not None:
+                layer._dora_factors[name] = factor
     layer.merged_adapters = layer.merged_adapters + names
+    layer._base_row_norms_sq = None  # the base weight changed
     return layer
 
 
@@ -438,6 +538,8 @@ def unmerge_adapter(layer: LoRALinear) -> LoRALinear:
     else:
         weight = layer.base_layer.weight
         for name in reversed(layer.merged_adapters):
-            weight -= delta_weight(layer, name).to(weight.dtype)
+            _unfold(layer, name, weight)
+            layer._dora_factors.pop(name, None)
     layer.merged_adapters = []
+    layer._base_row_norms_sq = None
     return layer

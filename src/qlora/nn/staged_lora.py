@@ -58,8 +58,9 @@ class StagedLora:
     ) -> None:
         if config.bias != "none":
             raise ValueError(f"lora.bias={config.bias!r} is not supported; only 'none'")
-        if config.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"lora.init={config.init!r} cannot be drawn before loading")
+        if config.init not in ("kaiming", "gaussian") or config.use_dora:
+            what = "lora.use_dora" if config.use_dora else f"lora.init={config.init!r}"
+            raise ValueError(f"{what} needs the base weights: it cannot be drawn before loading")
         self.config, self.adapter_name = config, adapter_name
         self.pending: dict[str, LoRALinear] = {}
         for name in find_targets(skeleton, config.target_modules, config.exclude_modules):
