@@ -15,6 +15,10 @@ clipping at 0.3 - with and without gradient checkpointing. The arms:
     peft-lora      transformers float32 model + peft.get_peft_model, a plain training loop
     peft-qlora     transformers + BitsAndBytesConfig(load_in_4bit, nf4, double quant)
                    + prepare_model_for_kbit_training + peft, the same loop
+    ours-dora, ours-qdora, peft-dora, peft-qdora
+                   the four above with DoRA (use_dora): float32 / 4-bit bases (not run unless
+                   named in --arms; the ratios: our QDoRA step against our QLoRA step,
+                   PEFT's against its own QLoRA, and ours against PEFT's)
 
 Every arm runs in a fresh subprocess (nothing shared: allocator state, threads, caches), all
 in one invocation, so the ratios compare runs on the same machine minutes apart. Each child
@@ -52,7 +56,14 @@ from typing import Any
 
 ARMS = ("ours-lora", "ours-qlora", "peft-lora", "peft-qlora")
 # ours QLoRA with glibc's default malloc (malloc_mmap_kb=0); ours over the GGUF's own blocks
-EXTRA_ARMS = ("ours-qlora-heap", "ours-qlora-gguf")
+EXTRA_ARMS = (
+    "ours-qlora-heap",
+    "ours-qlora-gguf",
+    "ours-dora",
+    "ours-qdora",
+    "peft-dora",
+    "peft-qdora",
+)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LR, CLIP = 2e-4, 0.3
 
@@ -78,7 +89,7 @@ def _ours(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
     model, _ = qlora.load_model(
         args.model,
         quant=("gguf" if arm == "ours-qlora-gguf" else "nf4")
-        if arm.startswith("ours-qlora")
+        if arm.startswith(("ours-qlora", "ours-qdora"))
         else None,
         double_quant=True,
         dtype="bfloat16" if cuda else "float32",
@@ -87,7 +98,7 @@ def _ours(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
         progress=False,
     )
     torch.manual_seed(0)
-    qlora.add_lora(model, qlora.LoraConfig(**LORA))
+    qlora.add_lora(model, qlora.LoraConfig(**LORA, use_dora=arm.endswith("dora")))
     batches = _batches(args.warmup + args.steps, args.batch, args.seq_len, model.config.vocab_size)
     with tempfile.TemporaryDirectory() as out:
         config = qlora.TrainConfig(
@@ -119,7 +130,8 @@ def _peft(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
     dtype = torch.bfloat16 if cuda else torch.float32
     directory = resolve_checkpoint(args.model)  # the same safetensors ours loads
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if arm == "peft-qlora":
+    four_bit = arm in ("peft-qlora", "peft-qdora")
+    if four_bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -130,7 +142,7 @@ def _peft(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     model.config.use_cache = False
-    if arm == "peft-qlora":
+    if four_bit:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=ckpt,
@@ -147,6 +159,7 @@ def _peft(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
             lora_dropout=LORA["dropout"],
             target_modules="all-linear",
             task_type="CAUSAL_LM",
+            use_dora=arm.endswith("dora"),
         ),
     )
     params = [p for p in model.parameters() if p.requires_grad]
@@ -262,6 +275,27 @@ def _ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"{tag} checkpointing: ours LoRA / PEFT LoRA: tokens/s "
                 f"{ours_l['tokens_per_s'] / peft_l['tokens_per_s']:.2f}x, peak memory "
                 f"{ours_l['peak_mib'] / peft_l['peak_mib']:.2f}x"
+            )
+        lines += _dora_lines(by, ckpt, tag)
+    return lines
+
+
+def _dora_lines(by: dict, ckpt: bool, tag: str) -> list[str]:
+    """DoRA's cost: each library's DoRA step against its own LoRA step, and ours vs PEFT's."""
+    lines = []
+    pairs = [("ours-qdora", "ours-qlora", "ours QDoRA / ours QLoRA", " (target <= 1.3x)",
+              " (target <= 1.15x)"),
+             ("ours-dora", "ours-lora", "ours DoRA / ours LoRA", "", ""),
+             ("peft-qdora", "peft-qlora", "PEFT+bnb QDoRA / PEFT+bnb QLoRA", "", ""),
+             ("peft-dora", "peft-lora", "PEFT DoRA / PEFT LoRA", "", ""),
+             ("ours-qdora", "peft-qdora", "ours QDoRA / PEFT+bnb QDoRA", "", ""),
+             ("ours-dora", "peft-dora", "ours DoRA / PEFT DoRA", "", "")]  # fmt: skip
+    for arm, against, label, step_target, memory_target in pairs:
+        a, b = by.get((arm, ckpt)), by.get((against, ckpt))
+        if a and b:
+            lines.append(
+                f"{tag} checkpointing: {label}: step time {a['step_s'] / b['step_s']:.2f}x"
+                f"{step_target}, peak memory {a['peak_mib'] / b['peak_mib']:.2f}x{memory_target}"
             )
     return lines
 

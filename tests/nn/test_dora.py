@@ -11,13 +11,16 @@ from torch import nn
 
 from qlora.nn import LoRALinear, QuantLinear, merge_adapter, merged_weight, unmerge_adapter
 from qlora.nn.dora import base_row_norms_sq, dense_base_weight, reference_weight_norm, weight_norm
+from qlora.nn.dropout import draw_seeds, keep_mask_reference
+from qlora.nn.lora_fused import fused_lora_supported
+from tests.nn.test_lora_fused import requires_kernel
 
 IN, OUT, R = 96, 40, 8
 
 
 def _base(kind: str | None, bias: bool = True) -> nn.Module:
     torch.manual_seed(0)
-    linear = nn.Linear(IN, OUT, bias=bias)
+    linear = nn.Linear(IN, OUT, bias=bias).requires_grad_(False)  # frozen, as add_lora does
     return linear if kind is None else QuantLinear.from_linear(linear, kind=kind, blocksize=64)
 
 
@@ -65,9 +68,14 @@ def test_a_fresh_dora_adapter_leaves_the_output_unchanged(kind: str | None) -> N
     assert torch.equal(layer(x), before)  # m = n exactly at the start: m / n - 1 = 0
 
 
+@pytest.mark.parametrize("path", ["fused", "reference"])
 @pytest.mark.parametrize("kind", [None, "nf4", "int8"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_and_gradients_equal_the_dense_reference(kind: str | None, bias: bool) -> None:
+def test_forward_and_gradients_equal_the_dense_reference(
+    kind: str | None, bias: bool, path: str
+) -> None:
+    """Both paths: `fused_dora` (float32 on the CPU: what `forward` takes here) and the
+    composed `reference_forward`."""
     layer = _dora(kind, bias)
     x = torch.randn(2, 7, IN, requires_grad=True)
     params = [
@@ -76,7 +84,8 @@ def test_forward_and_gradients_equal_the_dense_reference(kind: str | None, bias:
         layer.lora_magnitude_vector["default"],
     ]
     grad_out = torch.randn(2, 7, OUT)
-    ours = layer(x)
+    assert fused_lora_supported(layer.base_layer, x, params[0], layer.lora_dropout["default"])
+    ours = layer(x) if path == "fused" else layer.reference_forward(x)
     got = torch.autograd.grad(ours, [x, *params], grad_out)
     expected_out = _reference(layer, x)
     expected = torch.autograd.grad(expected_out, [x, *params], grad_out)
@@ -85,13 +94,50 @@ def test_forward_and_gradients_equal_the_dense_reference(kind: str | None, bias:
         assert torch.allclose(g, e, atol=1e-5, rtol=1e-5), (g - e).abs().max()
 
 
-def test_dropout_as_peft_applies_it() -> None:
+@requires_kernel
+@pytest.mark.parametrize("kind", [None, "nf4"])
+def test_fused_dropout_drops_the_adapter_input_only(kind: str | None) -> None:
+    """The fused path's form with dropout: (m/ν) ⊙ (x Wᵀ + s·D(x) Aᵀ Bᵀ) + b (see
+    qlora.nn.dora_fused), against a dense reference given the same keep-mask."""
+    p = 0.25
+    layer = _dora(kind, dropout=p).train()
+    x = torch.randn(6, IN, requires_grad=True)
+    params = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"]]  # fmt: skip
+    grad_out = torch.randn(6, OUT)
+    torch.manual_seed(11)
+    got = torch.autograd.grad(layer(x), params, grad_out)
+    torch.manual_seed(11)
+    keep = keep_mask_reference(x.numel(), draw_seeds(), p).view(x.shape)
+    weight = dense_base_weight(layer.base_layer)
+    a, b = params[1], params[2]
+    s, m = layer.scaling["default"], params[3]
+    norm = torch.linalg.norm(weight + s * (b @ a), dim=1).detach()
+    dropped = torch.where(keep, x / (1 - p), torch.zeros(()))
+    expected_out = (m / norm) * (F.linear(x, weight) + s * F.linear(F.linear(dropped, a), b))
+    expected_out = expected_out + layer.base_layer.bias
+    expected = torch.autograd.grad(expected_out, params, grad_out)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-5, rtol=1e-5), (g - e).abs().max()
+
+
+def test_fused_dora_keeps_no_copy_of_the_output() -> None:
+    """It saves its output (the next op usually keeps it too), not z beside it."""
+    layer = _dora("nf4")
+    x = torch.randn(16, IN, requires_grad=True)
+    y = layer(x)
+    function = y.grad_fn.next_functions[0][0]  # under the final view
+    saved = [t for t in function.saved_tensors if t.shape == (16, OUT)]
+    assert len(saved) == 1 and saved[0].data_ptr() == y.data_ptr()
+
+
+def test_the_reference_path_applies_dropout_as_peft() -> None:
     """In training with dropout PEFT adds (m/n - 1)·W·drop(x) + (m/n)·s·B·A·drop(x) to the
-    base output on the whole x: the base is multiplied twice."""
+    base output on the whole x: the base is multiplied twice. `reference_forward` does too."""
     layer = _dora("nf4", dropout=0.3).train()
     x = torch.randn(4, IN)
     torch.manual_seed(9)
-    ours = layer(x)
+    ours = layer.reference_forward(x)
     torch.manual_seed(9)
     dropped = F.dropout(x, 0.3, training=True)
     weight, base = dense_base_weight(layer.base_layer), layer.base_layer

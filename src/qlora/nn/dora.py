@@ -18,9 +18,9 @@ The norm has a closed form in quantities that are small or fixed:
 
 * c_j = ‖W_j‖² depends on the frozen base only: computed once (`base_row_norms_sq`, from the
   dequantized weight, in float64) and kept as an [out] vector;
-* W·Aᵀ [out, r] is the base layer applied to the r rows of A as if they were tokens: the
-  quantized kernel does it without a dense weight (r is 8-64; a batch has thousands of
-  tokens, so this costs a fraction of a per-step matmul);
+* W·Aᵀ [out, r] is the base weight applied to the r rows of A as if they were tokens
+  (dequantized into the per-thread scratch buffer the base's own matmul uses, never kept;
+  r is 8-64 and a batch has thousands of tokens, so this is a fraction of a step's matmul);
 * G and B·G are r x r and out x r.
 
 Rounding: c_j is exact to float64; the two cross terms are float32 sums of r-length dot
@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlora.nn.qlinear import QuantLinear
+from qlora.nn.qlinear import QuantLinear, dequantize_for_matmul
 
 __all__ = ["base_row_norms_sq", "dense_base_weight", "reference_weight_norm", "weight_norm"]
 
@@ -48,11 +48,22 @@ def dense_base_weight(base: nn.Module) -> torch.Tensor:
     return base.weight.detach().float()
 
 
+def _scratch_weight(base: nn.Module) -> torch.Tensor:
+    """`dense_base_weight` without a new [out, in] tensor where it can be avoided: a
+    QuantLinear dequantizes into its per-thread scratch buffer (consume at once), a float32
+    nn.Linear gives its own weight. Adding adapters to 200 layers must not leave 200 freed
+    weight-sized blocks in the heap (glibc keeps them: +600 MB RSS on the default model)."""
+    if isinstance(base, QuantLinear):
+        return dequantize_for_matmul(base.quant_state, torch.float32)
+    return base.weight.detach().float()
+
+
 @torch.no_grad()
 def base_row_norms_sq(base: nn.Module) -> torch.Tensor:
     """‖W_j‖² per output row of the base layer, [out], float64 (computed once per base)."""
-    weight = dense_base_weight(base)  # [out, in]
-    return weight.double().square().sum(dim=1)
+    weight = _scratch_weight(base)  # [out, in]
+    rows = max(1, (1 << 17) // weight.shape[1])  # float64 blocks of ~1 MB
+    return torch.cat([block.double().square().sum(dim=1) for block in weight.split(rows)])
 
 
 @torch.no_grad()
@@ -81,16 +92,9 @@ def weight_norm(
 
 
 def _base_matmul(base: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """rows [n, in] -> rows·Wᵀ [n, out] in float32, without the bias.
-
-    A float32 QuantLinear runs its own kernel (no dense weight); a lower-precision compute
-    dtype or an nn.Linear multiplies by the float32 weight instead, so that the norm does not
-    round A to bfloat16 (PEFT's norm is float32 too).
-    """
-    if isinstance(base, QuantLinear) and base.compute_dtype == torch.float32:
-        out = base(rows)
-        return out - base.bias if base.bias is not None else out
-    return torch.nn.functional.linear(rows, dense_base_weight(base))
+    """rows [n, in] -> rows·Wᵀ [n, out] in float32, without the bias, by the float32 weight
+    (PEFT's norm is float32 too: a bfloat16 compute dtype would round A)."""
+    return torch.nn.functional.linear(rows, _scratch_weight(base))
 
 
 @torch.no_grad()

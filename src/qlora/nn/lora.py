@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from qlora.nn.dora import base_row_norms_sq, weight_norm
+from qlora.nn.dora_fused import fused_dora
 from qlora.nn.lora_fused import fused_lora, fused_lora_supported
 from qlora.nn.qlinear import QuantLinear
 
@@ -229,16 +230,20 @@ class LoRALinear(nn.Module):
     def dora_weight_norm(self, name: str) -> torch.Tensor:
         """‖W + s·B·A‖ per output row [out] for adapter ``name`` (float32, no gradient), by
         `qlora.nn.dora.weight_norm`'s closed form (no dense merged weight)."""
-        device = self.lora_A[name].weight.device
-        if self._base_row_norms_sq is None or self._base_row_norms_sq.device != device:
-            self._base_row_norms_sq = base_row_norms_sq(self.base_layer).to(device)
         return weight_norm(
             self.base_layer,
-            self._base_row_norms_sq,
+            self.base_row_norms_sq(),
             self.lora_A[name].weight,
             self.lora_B[name].weight,
             self.scaling[name],
         )
+
+    def base_row_norms_sq(self) -> torch.Tensor:
+        """‖W_j‖² of the base layer [out], float64; computed once (again after a merge)."""
+        device = _module_device(self.base_layer)
+        if self._base_row_norms_sq is None or self._base_row_norms_sq.device != device:
+            self._base_row_norms_sq = base_row_norms_sq(self.base_layer).to(device)
+        return self._base_row_norms_sq
 
     def set_adapter(self, names: str | Iterable[str]) -> None:
         """Make ``names`` the active adapters: they train (requires_grad) and contribute.
@@ -285,9 +290,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [.., in] -> [.., out] in the base output's dtype.
 
-        One active adapter on a float32 CPU layer takes the fused path (`fused_lora`: one
-        autograd Function, counter-based dropout, nothing but the input saved); everything else
-        composes the modules (`reference_forward`).
+        One active adapter on a float32 CPU layer takes the fused path (`fused_lora`, or
+        `fused_dora` for a DoRA adapter: one autograd Function, counter-based dropout, nothing
+        but the input saved); everything else composes the modules (`reference_forward`).
         """
         if self.disabled and self.merged:
             # A merged delta lives in the base weight, so "disabled" needs it out first (PEFT
@@ -296,13 +301,20 @@ class LoRALinear(nn.Module):
         if not self.disabled and len(self.active_adapters) == 1 and not self.merged_adapters:
             name = self.active_adapters[0]
             dora = name in self.lora_magnitude_vector
-            if (
-                name in self.lora_A
-                and not dora
-                and fused_lora_supported(
-                    self.base_layer, x, self.lora_A[name].weight, self.lora_dropout[name]
-                )
+            if name in self.lora_A and fused_lora_supported(
+                self.base_layer, x, self.lora_A[name].weight, self.lora_dropout[name]
             ):
+                if dora:
+                    return fused_dora(
+                        x,
+                        self.base_layer,
+                        self.lora_A[name],
+                        self.lora_B[name],
+                        self.lora_magnitude_vector[name],
+                        self.base_row_norms_sq(),
+                        self.lora_dropout[name],
+                        self.scaling[name],
+                    )
                 return fused_lora(
                     x,
                     self.base_layer,
