@@ -24,6 +24,7 @@ from qlora.config import RunConfig, check_data_files
 from qlora.devices import resolve_device
 from qlora.files import atomic_write
 from qlora.nn import add_lora, init_loftq, trainable_report
+from qlora.nn.pissa import init_pissa
 from qlora.train.fsdp import ShardWhileLoading, gathered_trainable
 from qlora.train.parallel import Distributed, check_offload, distributed_session, rank_slice
 from qlora.train.run_dir import OutputDirError, RunDirectory, claim_output_dir
@@ -151,15 +152,16 @@ def _run_in(
     if run_dir is not None:
         dump = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
         atomic_write(run_dir.path / "config.yaml", dump)
-    loftq = config.lora.init == "loftq"  # LoftQ quantizes from the full-precision weights
+    # LoftQ and PiSSA split the full-precision weights, then quantize (the residual, for PiSSA)
+    loftq, pissa = config.lora.init == "loftq", config.lora.init == "pissa"
     full_precision = dataclasses.replace(config, quant=dataclasses.replace(config.quant, kind=None))
     # FSDP: each layer gets its adapters and is sharded as it loads (no rank holds the base)
     sink, offload = None, config.train.cpu_offload
     check_offload(offload, place)  # before any loading time is spent
-    if place.mode == "fsdp" and not loftq and not config.lora.use_dora:
+    if place.mode == "fsdp" and not (loftq or pissa) and not config.lora.use_dora:
         seed = config.train.seed
         sink = ShardWhileLoading(config.lora, seed, place.world_size, place.device, offload)
-    model, tokenizer = load_base(full_precision if loftq else config, progress, sink)
+    model, tokenizer = load_base(full_precision if loftq or pissa else config, progress, sink)
     if sink is not None:  # the adapters were drawn before loading, seeded as below
         sink.finish(model)
         say(f"loaded into shards: at most {sink.peak_bytes / 2**20:.1f} MiB of the model per rank")
@@ -168,6 +170,11 @@ def _run_in(
         add_lora(model, config.lora)
     if loftq:  # quantize now, fitting the adapters to the quantization error
         say(init_loftq(model, config.lora, config.quant, progress=progress))
+    pissa_initial = None
+    if pissa:  # the principal part into the adapters, the residual (quantized) as the base
+        report = init_pissa(model, config.lora, config.quant, progress=progress)
+        pissa_initial = report.initial
+        say(report)
     say(trainable_report(model))
     data = load_data(config.data, tokenizer)
     summary = data.summary()
@@ -199,11 +206,21 @@ def _run_in(
     # DDP: the adapters are the same on every rank; FSDP: gathered from the shards first
     with gathered_trainable(model) if place.mode == "fsdp" else contextlib.nullcontext():
         if run_dir is not None and main:
+            # PiSSA: adapter/ converted to plain LoRA over the original weights (rank 2r:
+            # loads anywhere), adapter-pissa/ as trained (loaders redo the split)
             save_adapter(
                 model,
                 adapter_dir,
                 base_model_name_or_path=config.model.source,
                 dtype=config.train.adapter_dtype,
+                pissa_initial=pissa_initial,
             )
+            if pissa_initial is not None:
+                save_adapter(
+                    model,
+                    adapter_dir.with_name("adapter-pissa"),
+                    base_model_name_or_path=config.model.source,
+                    dtype=config.train.adapter_dtype,
+                )
     place.barrier()  # no rank returns (and tears the group down) before the adapter exists
     return RunResult(model, tokenizer, result, adapter_dir, summary, place.rank)

@@ -83,7 +83,7 @@ _UNSUPPORTED: dict[str, str] = {
     "megatron_config": "its layers are Megatron-parallel",
 }
 # init schemes that rewrite the base weights, so the adapter is relative to another base.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_CHANGING_INITS = ("olora", "corda", "loftq")
 
 
 class AdapterFormatError(ValueError):
@@ -102,11 +102,12 @@ class Spec:
     alpha: float
     dropout: float
     use_rslora: bool
-    init: Literal["kaiming", "gaussian"]
+    init: Literal["kaiming", "gaussian", "pissa"]
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     dtype: AdapterDtype = "float32"  # the config's qlora_adapter_dtype ("float32": none)
     use_dora: bool = False
+    pissa_niter: int = 0  # init "pissa": 0 the exact SVD, n > 0 PEFT's "pissa_niter_n"
 
     def pattern_value(self, pattern: dict[str, Any], module: str, default: Any) -> Any:
         """PEFT's rule: the first key that regex-matches a dotted suffix of the module name."""
@@ -164,7 +165,13 @@ def parse_config(path: Path) -> Spec:
     if raw.get("bias", "none") != "none":
         raise bad(f"bias={raw['bias']!r} is not supported (it trains base biases); only 'none'")
     init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+    pissa_niter = 0
+    if isinstance(init, str) and init.lower().startswith("pissa"):
+        niter = init.lower().removeprefix("pissa").removeprefix("_niter_")
+        if init.lower() != "pissa" and not niter.isdigit():
+            raise bad(f'init_lora_weights={init!r}: expected "pissa" or "pissa_niter_<n>"')
+        pissa_niter = int(niter) if init.lower() != "pissa" else 0
+    elif isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise bad(
             f"init_lora_weights={init!r} changes the base weights; convert the adapter to "
             "plain LoRA with PEFT (path_initial_model_for_weight_conversion) first"
@@ -200,11 +207,16 @@ def parse_config(path: Path) -> Spec:
         alpha=float(alpha),
         dropout=float(dropout),
         use_rslora=bool(raw.get("use_rslora", False)),
-        init="gaussian" if init == "gaussian" else "kaiming",
+        init="pissa"
+        if isinstance(init, str) and init.lower().startswith("pissa")
+        else "gaussian"
+        if init == "gaussian"
+        else "kaiming",
         rank_pattern=patterns["rank_pattern"],
         alpha_pattern=patterns["alpha_pattern"],
         dtype=dtype,
         use_dora=bool(raw.get("use_dora", False)),
+        pissa_niter=pissa_niter,
     )
 
 

@@ -82,6 +82,7 @@ from qlora.models.destination import refuse_model_directory
 from qlora.models.safetensors_io import write_safetensors
 from qlora.nn.inject import add_lora, lora_layers, set_adapter
 from qlora.nn.lora import LoRALinear
+from qlora.nn.pissa import init_pissa, pissa_to_lora
 from qlora.quant import quantize
 
 __all__ = [
@@ -191,9 +192,14 @@ def _base_name(model: nn.Module) -> str | None:
 
 
 def adapter_config(
-    model: nn.Module, adapter: str = "default", base_model_name_or_path: str | None = None
+    model: nn.Module,
+    adapter: str = "default",
+    base_model_name_or_path: str | None = None,
+    *,
+    as_lora: bool = False,
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` mapping `save_adapter` writes for ``adapter`` of ``model``.
+    """The ``adapter_config.json`` mapping `save_adapter` writes for ``adapter`` of ``model``
+    (``as_lora``: for a PiSSA adapter converted to plain LoRA, rank and alpha doubled).
 
     Raises:
         ValueError: no layer of ``model`` has adapter ``adapter``.
@@ -201,7 +207,8 @@ def adapter_config(
     layers = _layers_with(model, adapter)
     recorded = (getattr(model, "lora_configs", None) or {}).get(adapter)
     use_rslora = bool(recorded.use_rslora) if recorded is not None else False
-    ranks = {name: layer.lora_A[adapter].out_features for name, layer in layers}
+    grow = 2 if as_lora else 1
+    ranks = {name: grow * layer.lora_A[adapter].out_features for name, layer in layers}
     alphas = {
         name: _clean_number(
             layer.scaling[adapter] * (math.sqrt(ranks[name]) if use_rslora else ranks[name])
@@ -213,9 +220,7 @@ def adapter_config(
     config = dict(_PEFT_DEFAULTS)
     config.update(
         base_model_name_or_path=base_model_name_or_path or _base_name(model),
-        init_lora_weights="gaussian"
-        if recorded is not None and recorded.init == "gaussian"
-        else True,
+        init_lora_weights=_init_name(recorded, as_lora),
         lora_alpha=alpha,
         lora_dropout=float(max(dropouts)),
         r=r,
@@ -226,6 +231,18 @@ def adapter_config(
         use_dora=any(adapter in layer.lora_magnitude_vector for _, layer in layers),
     )
     return config
+
+
+def _init_name(recorded: LoraConfig | None, as_lora: bool) -> bool | str:
+    """PEFT's init_lora_weights for the recorded config ("pissa..." keeps the file tied to
+    the residual base; converted to LoRA it is plain again)."""
+    if recorded is None or as_lora:
+        return True
+    if recorded.init == "gaussian":
+        return "gaussian"
+    if recorded.init == "pissa":
+        return "pissa" if recorded.pissa_niter == 0 else f"pissa_niter_{recorded.pissa_niter}"
+    return True
 
 
 def _layers_with(model: nn.Module, adapter: str) -> list[tuple[str, LoRALinear]]:
@@ -324,6 +341,7 @@ def save_adapter(
     *,
     overwrite: bool = False,
     dtype: AdapterDtype = "float32",
+    pissa_initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Path:
     """Write adapter ``adapter`` of ``model`` to ``directory`` in PEFT's layout.
 
@@ -356,13 +374,23 @@ def save_adapter(
         qlora.files.DestinationError: the destination is refused, as above.
     """
     _check_dtype(dtype)
-    config = adapter_config(model, adapter, base_model_name_or_path)
+    as_lora = pissa_initial is not None
+    config = adapter_config(model, adapter, base_model_name_or_path, as_lora=as_lora)
     refuse_model_directory(directory, "an adapter")
     check_destination(directory, overwrite=overwrite, ours=(CONFIG_NAME, WEIGHTS_NAME))
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in _layers_with(model, adapter):
-        for ab, linear in (("A", layer.lora_A[adapter]), ("B", layer.lora_B[adapter])):
-            tensors[f"{PREFIX}{name}.lora_{ab}.weight"] = linear.weight.detach().cpu()
+    layers = _layers_with(model, adapter)
+    pairs = {
+        name: (layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach())
+        for name, layer in layers
+    }
+    if pissa_initial is not None:
+        if any(adapter in layer.lora_magnitude_vector for _, layer in layers):
+            raise ValueError("a DoRA + PiSSA adapter cannot be converted to plain LoRA")
+        pairs = pissa_to_lora(pairs, pissa_initial)
+    for name, layer in layers:
+        for ab, weight in zip("AB", pairs[name], strict=True):
+            tensors[f"{PREFIX}{name}.lora_{ab}.weight"] = weight.cpu()
         if adapter in layer.lora_magnitude_vector:  # DoRA, under PEFT's key
             magnitude = layer.lora_magnitude_vector[adapter]
             tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = magnitude.detach().cpu()
@@ -453,6 +481,21 @@ def load_adapter(
     check_finite(pairs, weights_path)
     magnitudes = check_magnitudes(magnitudes, pairs, spec, weights_path)
     existing = {a for _, layer in lora_layers(model) for a in layer.adapter_names}
+    if spec.init == "pissa" and existing:
+        raise AdapterFormatError(
+            f"{config_path}: a PiSSA adapter (init_lora_weights "
+            f"{'pissa' if not spec.pissa_niter else f'pissa_niter_{spec.pissa_niter}'}) "
+            "replaces the base weights by their residual; load it into a model without other "
+            "adapters, or convert it to plain LoRA first"
+        )
+    quantized = [m for m in pairs if not isinstance(model.get_submodule(m), nn.Linear)]
+    if spec.init == "pissa" and quantized:
+        kind = type(model.get_submodule(quantized[0])).__name__
+        raise AdapterFormatError(
+            f"{config_path}: a PiSSA adapter is applied by splitting the full-precision "
+            f"weights again, but {quantized[0]} is a {kind}; load the base with quant=None, "
+            "or convert the adapter to plain LoRA"
+        )
     name = "default" if name is None else name
     if not name or "." in name:
         raise ValueError(f"adapter name must be non-empty and without '.', got {name!r}")
@@ -467,6 +510,7 @@ def load_adapter(
             target_modules=order,
             use_rslora=spec.use_rslora,
             init=spec.init,
+            pissa_niter=spec.pissa_niter,
             use_dora=spec.use_dora,
         )
     except ConfigError as err:
@@ -474,14 +518,19 @@ def load_adapter(
 
     previous = {n: list(layer.active_adapters) for n, layer in lora_layers(model)}
     add_lora(model, config, adapter_name=name)
-    for module, (weight_a, weight_b) in pairs.items():
+    for module in pairs:
         layer = model.get_submodule(module)
         r, alpha = spec.rank_alpha(module)
         if (r, alpha) != (spec.r, spec.alpha):  # rank_pattern / alpha_pattern
             layer.delete_adapter(name)
+            init = "kaiming" if spec.init == "pissa" else spec.init
             layer.add_adapter(
-                name, r, alpha, spec.dropout, spec.use_rslora, spec.init, use_dora=spec.use_dora
+                name, r, alpha, spec.dropout, spec.use_rslora, init, use_dora=spec.use_dora
             )
+    if spec.init == "pissa":  # as PEFT: the split again, then the trained factors
+        init_pissa(model, config, None, adapter_name=name, progress=False)
+    for module, (weight_a, weight_b) in pairs.items():
+        layer = model.get_submodule(module)
         with torch.no_grad():
             layer.lora_A[name].weight.copy_(weight_a)
             layer.lora_B[name].weight.copy_(weight_b)
@@ -517,6 +566,11 @@ def read_adapter(
     directory = Path(directory)
     config_path, weights_path = find_files(directory)
     spec = parse_config(config_path)
+    if spec.init == "pissa":
+        raise AdapterFormatError(
+            f"{config_path}: a PiSSA adapter replaces the base weights by their residual; "
+            "serve it converted to plain LoRA (rank 2r over the original weights), or merged"
+        )
     if spec.use_dora:
         raise AdapterFormatError(
             f"{config_path}: a DoRA adapter (use_dora: true); it is applied by qlora's model "

@@ -136,6 +136,10 @@ class LoraConfig:
             (A ~ N(0, 1/r), B zeros) or "loftq": quantize the base and fit A, B to its
             quantization error so that Q + scaling·BA ≈ W at step 0 (needs the
             full-precision weights and a quant.kind; see qlora.nn.loftq).
+        pissa_niter: init="pissa" (the adapter starts at W's r principal singular
+            directions, the rest is the frozen base; see qlora.nn.pissa): 0 takes an exact
+            SVD, n > 0 a randomized one with n subspace iterations (PEFT's "pissa_niter_n":
+            seconds instead of minutes on large matrices).
         loftq_iters: alternating quantize / truncated-SVD rounds of init="loftq". 1 keeps
             the base byte-identical to plain quantization (the adapter then works on any
             normally loaded base); more rounds change the base itself.
@@ -153,8 +157,9 @@ class LoraConfig:
     target_modules: TargetModules = "all-linear"
     exclude_modules: list[str] = field(default_factory=list)
     use_rslora: bool = False
-    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "loftq", "pissa"] = "kaiming"
     loftq_iters: int = 1
+    pissa_niter: int = 0
     bias: Literal["none"] = "none"
     use_dora: bool = False
 
@@ -166,6 +171,7 @@ class LoraConfig:
         _check_targets(self, "target_modules")
         require(self, "exclude_modules", all(self.exclude_modules), "non-empty names")
         require(self, "loftq_iters", self.loftq_iters >= 1, ">= 1")
+        require(self, "pissa_niter", self.pissa_niter >= 0, ">= 0 (0: exact SVD)")
         require(
             self, "use_dora", not (self.use_dora and self.init == "loftq"),
             "false with init=loftq (LoftQ refits A and B after the magnitude is set)",
@@ -402,6 +408,11 @@ def _check_run(config: RunConfig) -> None:
         raise ConfigError(
             "lora.init='loftq' fits the adapter to the quantization error, but quant.kind is "
             "null; set a quant.kind (e.g. nf4) or another lora.init"
+        )
+    if config.lora.init == "pissa" and config.quant.kind == "gguf":
+        raise ConfigError(
+            "lora.init='pissa' quantizes the residual of the split, but quant.kind='gguf' "
+            "keeps a GGUF file's blocks as they are; set quant.kind nf4 (QPiSSA) or null"
         )
 
 

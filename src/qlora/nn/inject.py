@@ -258,14 +258,15 @@ def add_lora(
 
 
 def add_configured_adapter(layer: LoRALinear, adapter_name: str, config: LoraConfig) -> None:
-    """``layer.add_adapter`` as ``config`` says (``init="loftq"`` starts as "kaiming")."""
+    """``layer.add_adapter`` as ``config`` says (``init`` "loftq" and "pissa" start as
+    "kaiming": their own step, init_loftq / init_pissa, sets A and B next)."""
     layer.add_adapter(
         adapter_name,
         r=config.r,
         alpha=config.alpha,
         dropout=config.dropout,
         use_rslora=config.use_rslora,
-        init="kaiming" if config.init == "loftq" else config.init,
+        init="kaiming" if config.init in ("loftq", "pissa") else config.init,
         use_dora=config.use_dora,
     )
 
