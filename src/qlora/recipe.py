@@ -24,13 +24,13 @@ from qlora.config import RunConfig, check_data_files
 from qlora.devices import resolve_device
 from qlora.files import atomic_write
 from qlora.nn import add_lora, init_loftq, trainable_report
-from qlora.nn.pissa import init_pissa
+from qlora.nn.pissa import PissaSplit
 from qlora.train.fsdp import ShardWhileLoading, gathered_trainable
 from qlora.train.parallel import Distributed, check_offload, distributed_session, rank_slice
 from qlora.train.run_dir import OutputDirError, RunDirectory, claim_output_dir
 
 if TYPE_CHECKING:
-    from qlora.models.loader import BlockSink
+    from qlora.models.loader import BlockSink, WeightSplit
 
 __all__ = ["EpochBatches", "RunResult", "load_base", "run_training"]
 
@@ -86,13 +86,17 @@ class RunResult:
 
 
 def load_base(
-    config: RunConfig, progress: bool = True, blocks: BlockSink | None = None
+    config: RunConfig,
+    progress: bool = True,
+    blocks: BlockSink | None = None,
+    split: WeightSplit | None = None,
 ) -> tuple[nn.Module, Any]:
     """The base model and tokenizer as ``config.model`` and ``config.quant`` describe
-    (``blocks``: takes each decoder layer as it loads; see `qlora.models.load_model`)."""
+    (``blocks``: takes each decoder layer as it loads; ``split``: rewrites weights as they
+    stream in; see `qlora.models.load_model`)."""
     from qlora.models import load_model
 
-    return load_model(config.model, config.quant, progress=progress, blocks=blocks)
+    return load_model(config.model, config.quant, progress=progress, blocks=blocks, split=split)
 
 
 def run_training(
@@ -152,7 +156,8 @@ def _run_in(
     if run_dir is not None:
         dump = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
         atomic_write(run_dir.path / "config.yaml", dump)
-    # LoftQ and PiSSA split the full-precision weights, then quantize (the residual, for PiSSA)
+    # LoftQ fits the full-precision weights, then quantizes; PiSSA splits each weight as it
+    # streams in and the loader quantizes the residual (QPiSSA)
     loftq, pissa = config.lora.init == "loftq", config.lora.init == "pissa"
     full_precision = dataclasses.replace(config, quant=dataclasses.replace(config.quant, kind=None))
     # FSDP: each layer gets its adapters and is sharded as it loads (no rank holds the base)
@@ -161,20 +166,21 @@ def _run_in(
     if place.mode == "fsdp" and not (loftq or pissa) and not config.lora.use_dora:
         seed = config.train.seed
         sink = ShardWhileLoading(config.lora, seed, place.world_size, place.device, offload)
-    model, tokenizer = load_base(full_precision if loftq or pissa else config, progress, sink)
+    split = PissaSplit(config.lora, config.train.seed) if pissa else None
+    model, tokenizer = load_base(full_precision if loftq else config, progress, sink, split)
+    pissa_initial = None
     if sink is not None:  # the adapters were drawn before loading, seeded as below
         sink.finish(model)
         say(f"loaded into shards: at most {sink.peak_bytes / 2**20:.1f} MiB of the model per rank")
+    elif split is not None:  # the adapters start at the principal parts split off
+        report = split.finish(model)
+        pissa_initial = report.initial
+        say(report)
     else:
         torch.manual_seed(config.train.seed)  # the adapters' initialization is part of the run
         add_lora(model, config.lora)
     if loftq:  # quantize now, fitting the adapters to the quantization error
         say(init_loftq(model, config.lora, config.quant, progress=progress))
-    pissa_initial = None
-    if pissa:  # the principal part into the adapters, the residual (quantized) as the base
-        report = init_pissa(model, config.lora, config.quant, progress=progress)
-        pissa_initial = report.initial
-        say(report)
     say(trainable_report(model))
     data = load_data(config.data, tokenizer)
     summary = data.summary()

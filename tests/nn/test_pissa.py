@@ -165,3 +165,26 @@ def test_a_pissa_adapter_on_a_quantized_base_is_refused_untouched(tmp_path: Path
     with pytest.raises(AdapterFormatError, match=r"splitting the full-precision weights again"):
         load_adapter(base, tmp_path)
     assert not list(lora_layers(base)) and torch.equal(_logits(base), before)
+
+
+@pytest.mark.parametrize("kind", ["nf4", None])
+def test_splitting_while_loading_equals_init_pissa(tmp_path: Path, kind: str | None) -> None:
+    """`PissaSplit` in the loader (each weight split as it streams in, the residual quantized
+    there) gives what loading in full precision and then `init_pissa` gives, bit for bit."""
+    from qlora import load_model
+    from qlora.nn.pissa import PissaSplit
+
+    tiny_llama(seed=0, layers=3).save_pretrained(tmp_path)
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, init="pissa")
+    quant = QuantConfig(kind=kind)
+    split = PissaSplit(lora, seed=0)
+    streamed, _ = load_model(tmp_path, quant, tokenizer=False, progress=False, split=split)
+    report = split.finish(streamed)
+    whole, _ = load_model(tmp_path, None, tokenizer=False, progress=False)
+    add_lora(whole, lora)
+    expected = init_pissa(whole, lora, quant if kind else None, progress=False)
+    assert report.initial.keys() == expected.initial.keys() and len(report.initial) == 21
+    ours, theirs = streamed.state_dict(), whole.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key  # adapters, residual (packed) bytes, all

@@ -64,7 +64,7 @@ from qlora.quant.codebooks import BaseKind
 from qlora.quant.dequant import dequantize
 from qlora.quant.state import QuantState
 
-__all__ = ["BlockSink", "LoadInfo", "load_model", "resolve_checkpoint"]
+__all__ = ["BlockSink", "LoadInfo", "WeightSplit", "load_model", "resolve_checkpoint"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -486,6 +486,22 @@ class BlockSink(Protocol):
     def block(self, name: str, layer: nn.Module) -> None: ...
 
 
+class WeightSplit(Protocol):
+    """Rewrites chosen Linear weights as they stream in, before they are quantized
+    (`load_model`'s ``split``; e.g. PiSSA's residual: `qlora.nn.pissa.PissaSplit`).
+
+    ``start`` gets the meta-device skeleton before any tensor is read; ``wants(owner)`` says
+    whether the Linear at ``owner`` is rewritten; ``__call__(owner, weight)`` gets its weight
+    as the file holds it and returns the one to keep (quantized if it is a target).
+    """
+
+    def start(self, skeleton: nn.Module) -> None: ...
+
+    def wants(self, owner: str) -> bool: ...
+
+    def __call__(self, owner: str, weight: torch.Tensor) -> torch.Tensor: ...
+
+
 def _decoder_blocks(model: nn.Module) -> dict[str, nn.Module]:
     """Path -> module of each decoder layer (``<prefix>.layers.<i>``); {} for other layouts."""
     decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
@@ -520,6 +536,7 @@ class _Stream:
         info: LoadInfo,
         gguf_base: GGUFBase | None = None,
         sink: BlockSink | None = None,
+        split: WeightSplit | None = None,
     ) -> None:
         self.model, self.plan, self.info, self.gguf_base = model, plan, info, gguf_base
         quantizing = plan.quant is not None or info.prequantized
@@ -530,7 +547,7 @@ class _Stream:
         self.unexpected: list[str] = []
         # the sink's decoder layers and the slot names each still waits for (a bitsandbytes
         # pre-quantized layer completes only at stage 6: its layers go to the sink after)
-        self.sink = sink
+        self.sink, self.split = sink, split
         self.delivered: set[str] = set()
         self.waiting: dict[str, set[str]] = {}
         if sink is not None and not info.prequantized:
@@ -605,6 +622,15 @@ class _Stream:
         owner = name.rpartition(".")[0]
         is_target = name.endswith(".weight") and owner in self.targets
         plan, device = self.plan, self.plan.device
+        split = self.split
+        if split is not None and name.endswith(".weight") and split.wants(owner):
+            if self.gguf_base is not None or self.info.prequantized:
+                raise ModelLoadError(
+                    f"{self.info.directory}: {owner} must be rewritten from its full-precision "
+                    "weight (PiSSA), but this checkpoint holds it quantized; use another quant"
+                )
+            check_shape(name, self.model.get_submodule(owner).weight.shape, view.shape)
+            view = split(owner, view.to(device))
         state = None
         if is_target and self.gguf_base is not None:  # the file's own blocks, as they are
             expected = self.model.get_submodule(owner).weight.shape
@@ -716,6 +742,7 @@ def load_model(
     tokenizer: bool = True,
     progress: bool = True,
     blocks: BlockSink | None = None,
+    split: WeightSplit | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM, quantizing its Linear layers while the tensors stream in.
 
@@ -749,6 +776,8 @@ def load_model(
         blocks: a `BlockSink` that takes each decoder layer as soon as it has loaded (FSDP
             shards it there, so no process holds the whole base); the layers of a
             bitsandbytes pre-quantized checkpoint go to it at the end of loading.
+        split: a `WeightSplit` that rewrites chosen weights as they stream in, before they
+            are quantized (PiSSA's residual: the full-precision model never exists).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode with ``model.qlora_load_info``.
@@ -777,9 +806,11 @@ def load_model(
     gguf_base = _gguf_base(plan, config, prequantized)
     model = _skeleton(config, plan)  # 4.
     info = LoadInfo(plan.source, directory, plan.quant, prequantized, shards=shards)
-    stream = _Stream(model, plan, info, gguf_base, blocks)
+    stream = _Stream(model, plan, info, gguf_base, blocks, split)
     if blocks is not None:
         blocks.start(model)
+    if split is not None:
+        split.start(model)
     stream.read(shards, progress)  # 5.
     _install_quantized(model, stream.quant_states(), stream, plan)  # 6., 7.
     _check_complete(model, stream, plan.device)  # 8.

@@ -41,7 +41,7 @@ from qlora.nn.lora import LoRALinear
 from qlora.nn.qlinear import QuantLinear
 from qlora.quant import dequantize, quantize
 
-__all__ = ["PissaReport", "init_pissa", "pissa_split", "pissa_to_lora"]
+__all__ = ["PissaReport", "PissaSplit", "init_pissa", "pissa_split", "pissa_to_lora"]
 
 
 @torch.no_grad()
@@ -186,6 +186,60 @@ def init_pissa(
                 quantized.train(module.training)
                 replace_module(model, name, quantized)
     return report
+
+
+class PissaSplit:
+    """PiSSA while the model loads: a `qlora.models.loader.WeightSplit` for ``load_model``.
+
+    Each adapted Linear's weight is split as it streams in; the loader then quantizes the
+    residual (QPiSSA) or keeps it, so neither the full-precision model nor a second copy of
+    it ever exists: the peak is the loaded model plus one float32 weight and its SVD (what
+    a 7B model on a 6 GB machine needs). `finish` adds the adapters (as `add_lora`) and puts
+    the principal factors in them. The exact SVD gives what `init_pissa` gives; the
+    randomized one draws in another order (during loading, seeded by ``seed`` at `start`).
+    """
+
+    def __init__(self, lora: LoraConfig, seed: int = 0, adapter_name: str = "default") -> None:
+        if lora.init != "pissa":
+            raise ValueError(f"PissaSplit needs lora.init='pissa', got {lora.init!r}")
+        self.lora, self.seed, self.adapter_name = lora, seed, adapter_name
+        self.targets: set[str] = set()
+        self.report = PissaReport(None)
+
+    def start(self, skeleton: nn.Module) -> None:
+        torch.manual_seed(self.seed)
+        lora = self.lora
+        self.targets = set(find_targets(skeleton, lora.target_modules, lora.exclude_modules))
+
+    def wants(self, owner: str) -> bool:
+        return owner in self.targets
+
+    def __call__(self, owner: str, weight: torch.Tensor) -> torch.Tensor:
+        lora = self.lora
+        a0, b0, residual = pissa_split(weight, lora.r, lora.scaling, lora.pissa_niter)
+        norm = float(torch.linalg.norm(weight.float()))
+        self.report.layers[owner] = float(torch.linalg.norm(weight.float() - residual)) / max(
+            norm, 1e-30
+        )
+        self.report.initial[owner] = (a0, b0)
+        return residual
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module) -> PissaReport:
+        """Add the adapters to the loaded ``model`` and start them at the principal part."""
+        from qlora.nn.inject import add_lora
+
+        add_lora(model, self.lora, adapter_name=self.adapter_name)
+        for owner, (a0, b0) in self.report.initial.items():
+            layer = model.get_submodule(owner)
+            assert isinstance(layer, LoRALinear)
+            layer.lora_A[self.adapter_name].weight.copy_(a0)
+            layer.lora_B[self.adapter_name].weight.copy_(b0)
+            layer._base_row_norms_sq = None
+            if self.adapter_name in layer.lora_magnitude_vector:  # DoRA: ‖W_res + s·B₀A₀‖
+                magnitude = layer.lora_magnitude_vector[self.adapter_name]
+                magnitude.copy_(layer.dora_weight_norm(self.adapter_name))
+        return self.report
 
 
 def pissa_to_lora(
