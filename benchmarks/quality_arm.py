@@ -32,7 +32,11 @@ class Arm:
         method: "full" (every parameter trains, no adapter) or "lora".
         quant: the frozen base's codebook, "gguf" for the file's own blocks, None for float32.
         double_quant: quantize the absmax constants too.
-        init: the adapters' initialization ("kaiming" or "loftq").
+        init: the adapters' initialization ("kaiming", "loftq" or "pissa").
+        dora: DoRA adapters (a trainable magnitude per output row).
+        lr_scale: the arm's learning rate relative to the task's adapter rate (PiSSA's
+            adapters start at W's principal part, large values that Adam moves by ~lr per
+            step per element: a lower rate is PiSSA's own recommendation).
     """
 
     name: str
@@ -41,6 +45,8 @@ class Arm:
     quant: str | None = None
     double_quant: bool = True
     init: str = "kaiming"
+    dora: bool = False
+    lr_scale: float = 1.0
 
 
 ARMS: dict[str, Arm] = {
@@ -57,6 +63,11 @@ ARMS: dict[str, Arm] = {
         Arm("loftq-nf4-dq", "LoftQ init, NF4 + double quant", "lora", "nf4", init="loftq"),
         Arm("loftq-fp4", "LoftQ init, FP4 + double quant", "lora", "fp4", init="loftq"),
         Arm("loftq-nf2", "LoftQ init, NF2 + double quant", "lora", "nf2", init="loftq"),
+        Arm("dora-fp32", "DoRA, float32 base", "lora", dora=True),
+        Arm("qdora-nf4-dq", "QDoRA, NF4 + double quant", "lora", "nf4", dora=True),
+        Arm(
+            "pissa-nf4-dq", "QPiSSA: PiSSA init, residual in NF4 + DQ", "lora", "nf4", init="pissa"
+        ),
     )
 }
 
@@ -134,21 +145,29 @@ def _model(arm: Arm, seed: int, loftq_iters: int = 1) -> tuple[Any, Any]:
     import qlora
     from qlora.config import LoraConfig, QuantConfig
 
-    loftq = arm.init == "loftq"
+    loftq, pissa = arm.init == "loftq", arm.init == "pissa"
     quant = None if loftq else arm.quant
+    config = LoraConfig(
+        **LORA,  # type: ignore[arg-type]
+        init=arm.init,  # type: ignore[arg-type]
+        loftq_iters=loftq_iters,
+        use_dora=arm.dora,
+    )
+    split = None
+    if pissa:  # each weight split as it streams in, the residual quantized (QPiSSA)
+        from qlora.nn.pissa import PissaSplit
+
+        split = PissaSplit(config, seed)
     model, tokenizer = qlora.load_model(
-        "smollm2-135m", quant=quant, double_quant=arm.double_quant, progress=False
+        "smollm2-135m", quant=quant, double_quant=arm.double_quant, progress=False, split=split
     )
     torch.manual_seed(seed)  # adapter initialization is part of the seeded run
     if arm.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
+    elif split is not None:
+        split.finish(model)
     else:
-        config = LoraConfig(
-            **LORA,  # type: ignore[arg-type]
-            init="loftq" if loftq else "kaiming",
-            loftq_iters=loftq_iters,
-        )
         qlora.add_lora(model, config)
         if loftq:  # quantize now, fitting the adapters to the quantization error
             quant_config = QuantConfig(kind=arm.quant, double_quant=arm.double_quant)
@@ -203,7 +222,7 @@ def run_arm(spec: dict[str, Any]) -> dict[str, Any]:
         output_dir=str(out / "train"),  # a directory of its own (out holds the data)
         max_steps=budget.steps,
         batch_size=budget.batch_size,
-        lr=budget.lr_full if arm.method == "full" else budget.lr_lora,
+        lr=budget.lr_full if arm.method == "full" else budget.lr_lora * arm.lr_scale,
         schedule="constant",
         warmup_steps=budget.warmup_steps,
         max_grad_norm=0.3,
