@@ -68,6 +68,14 @@ ARMS: dict[str, Arm] = {
         Arm(
             "pissa-nf4-dq", "QPiSSA: PiSSA init, residual in NF4 + DQ", "lora", "nf4", init="pissa"
         ),
+        Arm(
+            "pissa-nf4-dq-lr0.1",
+            "QPiSSA at a tenth of the adapter learning rate",
+            "lora",
+            "nf4",
+            init="pissa",
+            lr_scale=0.1,
+        ),
     )
 }
 
