@@ -112,12 +112,9 @@ def test_bad_arguments_fail_with_one_line(tmp_path: Path) -> None:
 
 
 def _default_model_or_skip() -> None:
-    from qlora.models import REGISTRY, ModelLoadError
+    from tests.default_model import default_model_or_skip
 
-    try:
-        REGISTRY["smollm2-135m"].locate()
-    except ModelLoadError as err:
-        pytest.skip(str(err))
+    default_model_or_skip()
 
 
 def _check_quick(tmp_path: Path, arms: list[str], tasks: list[str], timeout: int = 900) -> dict:

@@ -6,26 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from qlora.adapters import load_adapter
 from qlora.config import load_run_config
 from qlora.nn import LoRALinear, lora_layers
+from tests.default_model import default_model_or_skip, task_train_file
 
 
 def _run(tmp_path: Path, *settings: str):  # type: ignore[no-untyped-def]
-    from qlora.data import make_task_dataset, write_jsonl
-    from qlora.models import REGISTRY, ModelLoadError
     from qlora.recipe import run_training
 
-    try:
-        REGISTRY["smollm2-135m"].locate()
-    except ModelLoadError as err:
-        pytest.skip(str(err))
-    train, _ = make_task_dataset(4, 0, seed=0)
-    write_jsonl(train, tmp_path / "train.jsonl")
-    overrides = [f"data.path={tmp_path / 'train.jsonl'}", f"train.output_dir={tmp_path / 'run'}"]
+    default_model_or_skip()
+    train = task_train_file(tmp_path, 4)
+    overrides = [f"data.path={train}", f"train.output_dir={tmp_path / 'run'}"]
     overrides += ["train.max_steps=2", "train.batch_size=2", *settings]
     return run_training(load_run_config(None, overrides), progress=False)
 

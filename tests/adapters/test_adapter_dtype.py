@@ -277,16 +277,11 @@ def test_training_saves_the_adapter_at_its_dtype_and_checkpoints_in_float32(
 ) -> None:
     """Two real steps of the default model (skipped where it cannot be found)."""
     from qlora.config import load_run_config
-    from qlora.data import make_task_dataset, write_jsonl
-    from qlora.models import REGISTRY, ModelLoadError
     from qlora.recipe import run_training
+    from tests.default_model import default_model_or_skip, task_train_file
 
-    try:
-        REGISTRY["smollm2-135m"].locate()
-    except ModelLoadError as err:
-        pytest.skip(str(err))
-    train, _ = make_task_dataset(4, 0, seed=0)
-    write_jsonl(train, tmp_path / "train.jsonl")
+    default_model_or_skip()
+    task_train_file(tmp_path, 4)
     overrides = [f"data.path={tmp_path / 'train.jsonl'}", f"train.output_dir={tmp_path / 'run'}"]
     overrides += ["train.max_steps=2", "train.batch_size=2", "train.save_every=1"]
     config = load_run_config(None, [*overrides, "train.adapter_dtype=int8"])

@@ -242,15 +242,10 @@ def test_bad_parallel_settings_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_qlora_train_on_the_default_model(tmp_path: Path, parallel: str) -> None:
     """The real thing: ``torchrun -m qlora train`` (the recipe) with the default model, nf4."""
-    from qlora.data import make_task_dataset, write_jsonl
-    from qlora.models import REGISTRY, ModelLoadError
+    from tests.default_model import default_model_or_skip, task_train_file
 
-    try:
-        REGISTRY["smollm2-135m"].locate()
-    except ModelLoadError as err:
-        pytest.skip(str(err))
-    train_records, _ = make_task_dataset(8, 0, seed=0)
-    write_jsonl(train_records, tmp_path / "train.jsonl")
+    default_model_or_skip()
+    task_train_file(tmp_path, 8)
     run = tmp_path / "run"
     overrides = [
         f"data.path={tmp_path / 'train.jsonl'}",

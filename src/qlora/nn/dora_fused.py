@@ -38,9 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora.nn.dropout import apply_dropout, draw_seeds
-from qlora.nn.lora_fused import _base_weight, _dropped
-from qlora.quant.scratch import scratch
+from qlora.nn.dropout import draw_seeds
+from qlora.nn.lora_fused import _base_weight, _dropped, lora_backward
 
 __all__ = ["fused_dora"]
 
@@ -96,7 +95,6 @@ class _FusedDoRA(torch.autograd.Function):
         x, h, weight_a, weight_b, factor, norm, kept = ctx.saved_tensors
         need_x, need_a, need_b, need_m = ctx.needs_input_grad[:4]
         grad_y = grad_y.contiguous()  # [T, n]
-        scaling, seeds = ctx.scaling, ctx.seeds
         grad_m = None
         if need_m:
             if ctx.from_output:  # z = (y - b) / f
@@ -108,25 +106,9 @@ class _FusedDoRA(torch.autograd.Function):
             grad_m = (grad_y * z).sum(dim=0).div_(norm)  # [n]
             del z
         scaled = grad_y * factor  # g': [T, n]
-        grad_b = torch.mm(scaled.t(), h).mul_(scaling) if need_b else None  # [n, r]
-        grad_h = torch.mm(scaled, weight_b).mul_(scaling)  # u: [T, r]
-        grad_a = None
-        if need_a:
-            dropped = _dropped(x, seeds, ctx.p)  # [T, k]
-            grad_a = grad_h.t() @ dropped  # [r, k]
-            del dropped
-        grad_x = None
-        if need_x:
-            weight = _base_weight(ctx.base, grad_y.dtype)  # [n, k]
-            grad_x = scaled @ weight  # [T, k]
-            del weight
-            if seeds is not None:
-                lora_grad = torch.mm(
-                    grad_h, weight_a, out=scratch(grad_x.shape, x.dtype, "dropout")
-                )
-                apply_dropout(lora_grad, seeds, ctx.p, out=grad_x)
-            else:
-                grad_x.addmm_(grad_h, weight_a)
+        grad_x, grad_a, grad_b = lora_backward(
+            ctx, scaled, x, h, weight_a, weight_b, (need_x, need_a, need_b)
+        )
         return grad_x, grad_a, grad_b, grad_m, None, None, None, None, None
 
 

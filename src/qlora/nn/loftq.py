@@ -52,7 +52,14 @@ from qlora.nn.lora import LoRALinear
 from qlora.nn.qlinear import QuantLinear
 from qlora.quant import QuantState, dequantize, quantize
 
-__all__ = ["LoftQReport", "LoftQResult", "init_loftq", "loftq_decompose", "low_rank_factors"]
+__all__ = [
+    "LoftQReport",
+    "LoftQResult",
+    "full_precision_base",
+    "init_loftq",
+    "loftq_decompose",
+    "low_rank_factors",
+]
 
 # Above this many rows and columns an exact SVD costs seconds per matrix; a randomized
 # range finder with a few power iterations gets the top r directions for a fraction of it.
@@ -200,15 +207,16 @@ def _check_loftq(lora: LoraConfig, quant: QuantConfig) -> None:
         )
 
 
-def _full_precision(name: str, module: nn.Module) -> nn.Linear:
-    """The ``nn.Linear`` under ``module`` (itself or a LoRALinear's base); LoftQ needs it."""
+def full_precision_base(name: str, module: nn.Module, init: str = "loftq") -> nn.Linear:
+    """The ``nn.Linear`` under ``module`` (itself or a LoRALinear's base), which lora.init
+    ``init`` (loftq, pissa) rewrites; a quantized or merged one is refused, saying why."""
     base = module.base_layer if isinstance(module, LoRALinear) else module
     merged = isinstance(module, LoRALinear) and module.merged
     if merged or not isinstance(base, nn.Linear):
         raise ValueError(
-            f"lora.init='loftq' needs the full-precision weight of {name}, but it is "
+            f"lora.init='{init}' needs the full-precision weight of {name}, but it is "
             f"{'merged' if merged else 'already a ' + type(base).__name__}; load the model "
-            "with quant=None, call add_lora, then init_loftq(model, lora, QuantConfig(...))"
+            f"with quant=None, call add_lora, then init_{init}(model, lora, QuantConfig(...))"
         )
     return base
 
@@ -259,7 +267,7 @@ def init_loftq(
     _check_loftq(lora, quant)
     assert quant.kind is not None
     targets = find_targets(model, quant.target_modules)
-    bases = {name: _full_precision(name, model.get_submodule(name)) for name in targets}
+    bases = {name: full_precision_base(name, model.get_submodule(name)) for name in targets}
     fitted: dict[str, LoftQResult] = {}
     plain: list[str] = []
     bar = tqdm(targets, desc=f"LoftQ {quant.kind}", unit="layer", disable=not progress)

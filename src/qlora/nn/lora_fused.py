@@ -95,29 +95,43 @@ class _FusedLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, h, weight_a, weight_b = ctx.saved_tensors
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        grad_y = grad_y.contiguous()  # [T, n]
-        scaling, seeds = ctx.scaling, ctx.seeds
-        grad_b = torch.mm(grad_y.t(), h).mul_(scaling) if need_b else None  # [n, r]
-        grad_h = torch.mm(grad_y, weight_b).mul_(scaling)  # u: [T, r]
-        grad_a = None
-        if need_a:
-            dropped = _dropped(x, seeds, ctx.p)  # [T, k]
-            grad_a = grad_h.t() @ dropped  # [r, k]
-            del dropped
-        grad_x = None
-        if need_x:
-            weight = _base_weight(ctx.base, grad_y.dtype)  # [n, k]
-            grad_x = grad_y @ weight  # [T, k]
-            del weight
-            if seeds is not None:
-                lora_grad = torch.mm(
-                    grad_h, weight_a, out=scratch(grad_x.shape, x.dtype, "dropout")
-                )
-                apply_dropout(lora_grad, seeds, ctx.p, out=grad_x)
-            else:
-                grad_x.addmm_(grad_h, weight_a)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        grads = lora_backward(
+            ctx, grad_y.contiguous(), x, h, weight_a, weight_b, ctx.needs_input_grad[:3]
+        )
+        return *grads, None, None, None, None
+
+
+def lora_backward(
+    ctx: Any,
+    grad_y: torch.Tensor,  # [T, n]
+    x: torch.Tensor,  # [T, k]
+    h: torch.Tensor,  # [T, r]
+    weight_a: torch.Tensor,  # [r, k]
+    weight_b: torch.Tensor,  # [n, r]
+    needs: tuple[bool, ...],  # x, A, B
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(∂L/∂x, ∂L/∂A, ∂L/∂B) from g = ``grad_y`` (the module docstring's formulas); ``ctx``
+    holds base, scaling, p and seeds. DoRA's backward is this with g scaled per column."""
+    need_x, need_a, need_b = needs
+    scaling, seeds = ctx.scaling, ctx.seeds
+    grad_b = torch.mm(grad_y.t(), h).mul_(scaling) if need_b else None  # [n, r]
+    grad_h = torch.mm(grad_y, weight_b).mul_(scaling)  # u: [T, r]
+    grad_a = None
+    if need_a:
+        dropped = _dropped(x, seeds, ctx.p)  # [T, k]
+        grad_a = grad_h.t() @ dropped  # [r, k]
+        del dropped
+    grad_x = None
+    if need_x:
+        weight = _base_weight(ctx.base, grad_y.dtype)  # [n, k]
+        grad_x = grad_y @ weight  # [T, k]
+        del weight
+        if seeds is not None:
+            lora_grad = torch.mm(grad_h, weight_a, out=scratch(grad_x.shape, x.dtype, "dropout"))
+            apply_dropout(lora_grad, seeds, ctx.p, out=grad_x)
+        else:
+            grad_x.addmm_(grad_h, weight_a)
+    return grad_x, grad_a, grad_b
 
 
 def fused_lora_supported(

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from qlora.config import LoraConfig, QuantConfig
 from qlora.nn.inject import find_targets, replace_module
+from qlora.nn.loftq import full_precision_base
 from qlora.nn.lora import LoRALinear
 from qlora.nn.qlinear import QuantLinear
 from qlora.quant import dequantize, quantize
@@ -103,18 +104,6 @@ class PissaReport:
         return text
 
 
-def _full_precision(name: str, module: nn.Module) -> nn.Linear:
-    base = module.base_layer if isinstance(module, LoRALinear) else module
-    merged = isinstance(module, LoRALinear) and module.merged
-    if merged or not isinstance(base, nn.Linear):
-        raise ValueError(
-            f"lora.init='pissa' needs the full-precision weight of {name}, but it is "
-            f"{'merged' if merged else 'already a ' + type(base).__name__}; load the model "
-            "with quant=None, call add_lora, then init_pissa(model, lora, quant)"
-        )
-    return base
-
-
 def _relative_error(weight: torch.Tensor, state: object, norm: float) -> float:
     return float(torch.linalg.norm(weight - dequantize(state, dtype=torch.float32))) / norm
 
@@ -148,7 +137,7 @@ def init_pissa(
     report = PissaReport(kind)
     bar = tqdm(layers, desc="PiSSA", unit="layer", disable=not progress)
     for name, layer in bar:
-        base = _full_precision(name, layer)
+        base = full_precision_base(name, layer, init="pissa")
         weight = base.weight  # [out, in]
         lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         a0, b0, residual = pissa_split(
