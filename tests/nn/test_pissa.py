@@ -60,6 +60,14 @@ def test_equal_to_peft_pissa(niter: int) -> None:
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, tiny_llama(seed=0)(ids).logits, atol=1e-5)
         assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)
+    if niter == 0:  # and the same adapter gradients
+        ours(input_ids=ids, labels=ids).loss.backward()
+        theirs(input_ids=ids, labels=ids).loss.backward()
+        for name, param in theirs.named_parameters():
+            if param.grad is not None:
+                mine_grad = mine[name.removeprefix("base_model.model.")].grad
+                scale = float(param.grad.abs().max()) + 1e-12
+                assert float((mine_grad - param.grad).abs().max()) / scale <= 1e-4, name
 
 
 def test_qpissa_quantizes_the_residual_with_less_error() -> None:
