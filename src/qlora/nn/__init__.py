@@ -1,6 +1,6 @@
 """Layers: the frozen k-bit `QuantLinear`, the `LoRALinear` adapter wrapper, and the model
 surgery that puts them in place (target selection, wrapping, freezing, merging), and the
-LoftQ initialization of adapters over a quantized base."""
+LoftQ and PiSSA initializations of adapters (DoRA lives in `LoRALinear`)."""
 
 from qlora.nn.inject import (
     TrainableReport,
@@ -23,12 +23,15 @@ from qlora.nn.lora import (
     merged_weight,
     unmerge_adapter,
 )
+from qlora.nn.pissa import PissaReport, PissaSplit, init_pissa, pissa_split, pissa_to_lora
 from qlora.nn.qlinear import QuantLinear, fast_decoding
 
 __all__ = [
     "LoRALinear",
     "LoftQReport",
     "LoftQResult",
+    "PissaReport",
+    "PissaSplit",
     "QuantLinear",
     "TrainableReport",
     "add_lora",
@@ -38,11 +41,14 @@ __all__ = [
     "fast_decoding",
     "find_targets",
     "init_loftq",
+    "init_pissa",
     "loftq_decompose",
     "lora_layers",
     "merge",
     "merge_adapter",
     "merged_weight",
+    "pissa_split",
+    "pissa_to_lora",
     "quantize_model",
     "replace_module",
     "set_adapter",
