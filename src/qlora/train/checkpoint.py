@@ -238,29 +238,28 @@ def save_sharded_checkpoint(
     body["shards"] = [SHARD_FILE.format(rank=r, world=world) for r in range(world)]
     final = output_dir / f"checkpoint-{step}"
     outcome: str | None = None
-    with contextlib.ExitStack() as stack:
-        staging, problem = None, None
-        if place.is_main:
-            try:
-                staging = stack.enter_context(staged_directory(final, last=(STATE_FILE,)))
-            except OSError as err:
-                problem = f"rank 0: {err}"
-        staging, problem = place.broadcast((staging, problem))
-        if problem is None:
-            try:
-                write_safetensors(Path(staging) / body["shards"][place.rank], local)
-            except OSError as err:
-                problem = f"rank {place.rank}: {err}"
-        problems = [p for p in place.gather(problem) if p is not None]
-        if problems:
-            raise CheckpointError(f"{final} was not written: {problems[0]}")
-        if place.is_main:
-            try:
+    try:
+        with contextlib.ExitStack() as stack:
+            staging, problem = None, None
+            if place.is_main:
+                try:
+                    staging = stack.enter_context(staged_directory(final, last=(STATE_FILE,)))
+                except OSError as err:
+                    problem = f"rank 0: {err}"
+            staging, problem = place.broadcast((staging, problem))
+            if problem is None:
+                try:
+                    write_safetensors(Path(staging) / body["shards"][place.rank], local)
+                except OSError as err:
+                    problem = f"rank {place.rank}: {err}"
+            problems = [p for p in place.gather(problem) if p is not None]
+            if problems:
+                raise CheckpointError(f"{final} was not written: {problems[0]}")
+            if place.is_main:  # an OSError here leaves the block: nothing is published
                 write_safetensors(Path(staging) / TENSOR_FILE, tensors, {"format": "pt"})
                 atomic_write(Path(staging) / STATE_FILE, json.dumps(body) + "\n")
-            except OSError as err:  # the staging directory goes; others hear of it below
-                outcome = f"rank 0: {err}"
-                stack.close()
+    except OSError as err:  # rank 0's own files or the publishing rename; told to all below
+        outcome = f"rank 0: {err}"
     if place.is_main and outcome is None:
         try:
             atomic_write(output_dir / "latest", final.name + "\n")
