@@ -110,15 +110,15 @@ def test_a_missing_or_short_shard_is_refused_by_name(tmp_path: Path, place: Dist
         load_checkpoint(path)
 
 
+def _full_disk(path: Path, *args: object, **kwargs: object) -> None:
+    raise OSError(28, "No space left on device", str(path))
+
+
 def test_a_failed_shard_write_publishes_nothing(
     tmp_path: Path, place: Distributed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     checkpoint = sys.modules[save_sharded_checkpoint.__module__]
-
-    def full_disk(path: Path, *args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device", str(path))
-
-    monkeypatch.setattr(checkpoint, "write_safetensors", full_disk)
+    monkeypatch.setattr(checkpoint, "write_safetensors", _full_disk)
     with pytest.raises(CheckpointError, match=r"checkpoint-4 was not written: rank 0: .*No space"):
         save_sharded_checkpoint(tmp_path, 4, _state(), "run-1", place)
     assert list(tmp_path.iterdir()) == [tmp_path / "store"]  # no checkpoint, no staging left
@@ -129,11 +129,7 @@ def test_a_failed_write_of_rank_0s_own_files_publishes_nothing(
 ) -> None:
     """The shard is written, then rank 0's state.json fails: no checkpoint directory."""
     checkpoint = sys.modules[save_sharded_checkpoint.__module__]
-
-    def full_disk(path: Path, *args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device", str(path))
-
-    monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
+    monkeypatch.setattr(checkpoint, "atomic_write", _full_disk)
     with pytest.raises(CheckpointError, match=r"checkpoint-4 was not written: rank 0: .*No space"):
         save_sharded_checkpoint(tmp_path, 4, _state(), "run-1", place)
     assert list(tmp_path.iterdir()) == [tmp_path / "store"]
