@@ -38,7 +38,13 @@ from torch import nn
 
 from qlora.nn.qlinear import QuantLinear, dequantize_for_matmul
 
-__all__ = ["base_row_norms_sq", "dense_base_weight", "reference_weight_norm", "weight_norm"]
+__all__ = [
+    "base_row_norms_sq",
+    "dense_base_weight",
+    "norm_from_products",
+    "reference_weight_norm",
+    "weight_norm",
+]
 
 
 def dense_base_weight(base: nn.Module) -> torch.Tensor:
@@ -83,10 +89,20 @@ def weight_norm(
     """
     a = weight_a.detach().float()  # [r, in]
     b = weight_b.detach().float()  # [out, r]
-    w_at = _base_matmul(base, a).T  # [out, r] = W·Aᵀ
-    gram = a @ a.T  # [r, r]
-    cross = (b * w_at).sum(dim=1)  # [out]  ⟨W_j, (BA)_j⟩
-    square = (b * (b @ gram)).sum(dim=1)  # [out]  ‖(BA)_j‖²
+    return norm_from_products(_base_matmul(base, a).T, row_norms_sq, a, b, scaling)
+
+
+def norm_from_products(
+    w_at: torch.Tensor,
+    row_norms_sq: torch.Tensor,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The closed form given W·Aᵀ [out, r] and ‖W_j‖² [out] (float64): ν [out], float32."""
+    gram = weight_a @ weight_a.T  # [r, r]
+    cross = (weight_b * w_at).sum(dim=1)  # [out]  ⟨W_j, (BA)_j⟩
+    square = (weight_b * (weight_b @ gram)).sum(dim=1)  # [out]  ‖(BA)_j‖²
     total = row_norms_sq + (2 * scaling) * cross.double() + scaling**2 * square.double()
     return total.clamp_min(0).sqrt().float()
 

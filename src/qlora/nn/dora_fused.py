@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora.nn.dora import norm_from_products
 from qlora.nn.dropout import draw_seeds
 from qlora.nn.lora_fused import _base_weight, _dropped, lora_backward
 
@@ -63,10 +64,7 @@ class _FusedDoRA(torch.autograd.Function):
         weight = _base_weight(base, x.dtype)  # [n, k]
         # ν = ‖W + s·B·A‖ per row, by the closed form (qlora.nn.dora.weight_norm)
         w_at = weight @ weight_a.t()  # [n, r]
-        cross = (weight_b * w_at).sum(dim=1)  # [n]
-        square = (weight_b * (weight_b @ (weight_a @ weight_a.t()))).sum(dim=1)  # [n]
-        norm_sq = row_norms_sq + (2 * scaling) * cross.double() + scaling**2 * square.double()
-        norm = norm_sq.clamp_min(0).sqrt().to(x.dtype)  # [n]
+        norm = norm_from_products(w_at, row_norms_sq, weight_a, weight_b, scaling).to(x.dtype)
         factor = magnitude / norm  # [n]
         z = x @ weight.t()  # [T, n]
         del weight
