@@ -25,13 +25,24 @@ in one invocation, so the ratios compare runs on the same machine minutes apart.
 reports the median step time over the measured steps (after ``--warmup`` unmeasured ones),
 tokens per second from it, and the peak memory of the whole process as a user would see it:
 ``VmHWM`` (peak resident set) from process start, imports and model loading included, on the
-CPU; ``torch.cuda.max_memory_allocated`` on CUDA. The peer loop is the fastest plain PEFT
+CPU; ``torch.cuda.max_memory_allocated`` on CUDA. Page faults per step: the minor faults of
+the training loop over its steps (each first touch of fresh memory is one; ~1-2 us each in a
+VM, so an allocator that returns memory to the system pays them on every step). The peer loop is the fastest plain PEFT
 loop (no HF Trainer overhead); ours goes through `qlora.train`, the code users run
 (metrics.jsonl, progress bookkeeping and the loss plot included).
 
     python benchmarks/bench_step.py [--steps 5] [--warmup 1] [--arms ours-qlora,peft-qlora]
                                     [--ckpt both|on|off] [--device cpu|cuda] [--markdown F]
-                                    [--model smollm2-135m|DIR]
+                                    [--model smollm2-135m|DIR] [--dtypes float32,bfloat16]
+
+``--dtypes`` is the compute-dtype axis: every arm runs at each. Ours: the frozen base's
+matmuls in that dtype (``compute_dtype``; an unquantized base stores its target weights in
+it), activations, adapters and optimizer in float32. PEFT + bitsandbytes:
+``bnb_4bit_compute_dtype`` (and the model loaded in that dtype, which
+``prepare_model_for_kbit_training`` widens to float32 outside the 4-bit layers); PEFT LoRA:
+the whole model in that dtype, its adapters float32 (PEFT's ``autocast_adapter_dtype``). The
+default is float32 and bfloat16 where `qlora.hardware` finds native bf16, else float32; the
+headline ratio is each side's best dtype against the other's.
 
 ``--model`` names another checkpoint for every arm (default: the default model), e.g. the
 synthetic one with its shapes (``synthetic_checkpoint.py smollm2-135m``) where the default
@@ -93,6 +104,7 @@ def _ours(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
         else None,
         double_quant=True,
         dtype="bfloat16" if cuda else "float32",
+        compute_dtype=args.dtype,
         device=args.device,
         tokenizer=False,
         progress=False,
@@ -112,11 +124,20 @@ def _ours(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
             **({"malloc_mmap_kb": 0} if arm == "ours-qlora-heap" else {}),
             **json.loads(args.ours_train),
         )
+        faults = _minor_faults()
         result = qlora.train(model, config, batches, progress=False)
+        faults = (_minor_faults() - faults) / len(batches)
     elapsed = [h["elapsed_s"] for h in result.history if "elapsed_s" in h]
     times = [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
     losses = [h["loss"] for h in result.history if "loss" in h]
-    return times, {"first_loss": losses[0], "last_loss": losses[-1]}
+    return times, {"first_loss": losses[0], "last_loss": losses[-1], "faults_per_step": faults}
+
+
+def _minor_faults() -> int:
+    """Page faults served without I/O so far (each new page of fresh memory costs one)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _peft(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], dict]:
@@ -127,7 +148,7 @@ def _peft(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
     from qlora.models.loader import resolve_checkpoint
 
     cuda = args.device == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, args.dtype)
     directory = resolve_checkpoint(args.model)  # the same safetensors ours loads
     kwargs: dict[str, Any] = {"dtype": dtype}
     four_bit = arm in ("peft-qlora", "peft-qdora")
@@ -166,6 +187,7 @@ def _peft(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     model.train()
     times, losses = [], []
+    faults = _minor_faults()
     for batch in _batches(
         args.warmup + args.steps, args.batch, args.seq_len, model.config.vocab_size
     ):
@@ -181,7 +203,8 @@ def _peft(arm: str, ckpt: bool, args: argparse.Namespace) -> tuple[list[float], 
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return times, {"first_loss": losses[0], "last_loss": losses[-1]}
+    faults = (_minor_faults() - faults) / len(times)
+    return times, {"first_loss": losses[0], "last_loss": losses[-1], "faults_per_step": faults}
 
 
 def child(arm: str, ckpt: bool, args: argparse.Namespace) -> dict[str, Any]:
@@ -201,6 +224,7 @@ def child(arm: str, ckpt: bool, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "arm": arm,
         "ckpt": ckpt,
+        "dtype": args.dtype,
         "step_s": step,
         "step_min_s": min(measured),
         "step_max_s": max(measured),
@@ -213,10 +237,12 @@ def child(arm: str, ckpt: bool, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _run_child(arm: str, ckpt: bool, args: argparse.Namespace) -> dict[str, Any]:
+def _run_child(arm: str, ckpt: bool, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [
         sys.executable,
         __file__,
+        "--dtype",
+        dtype,
         "--child",
         arm,
         "--child-ckpt",
@@ -239,44 +265,86 @@ def _run_child(arm: str, ckpt: bool, args: argparse.Namespace) -> dict[str, Any]
     proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise SystemExit(f"{arm} (ckpt={ckpt}) failed:\n" + "\n".join(tail))
+        raise SystemExit(f"{arm} ({dtype}, ckpt={ckpt}) failed:\n" + "\n".join(tail))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
-    by = {(r["arm"], r["ckpt"]): r for r in rows}
+def _best(rows: list[dict[str, Any]], arm: str, ckpt: bool) -> dict[str, Any] | None:
+    """The arm's fastest row over the dtypes (its best configuration here)."""
+    mine = [r for r in rows if r["arm"] == arm and r["ckpt"] == ckpt]
+    return max(mine, key=lambda r: r["tokens_per_s"]) if mine else None
+
+
+def _best_lines(rows: list[dict[str, Any]], ckpt: bool, tag: str) -> list[str]:
+    """Each side at its best dtype: the issue's headline ratios."""
     lines = []
+    pairs = [("ours-qlora", "peft-qlora", "QLoRA / PEFT+bnb QLoRA", " (target >= 1.5x)",
+              " (target <= 0.5x)"),
+             ("ours-lora", "peft-lora", "LoRA / PEFT LoRA", "", "")]  # fmt: skip
+    for ours, peer, label, speed_target, memory_target in pairs:
+        a, b = _best(rows, ours, ckpt), _best(rows, peer, ckpt)
+        if a and b and len({r["dtype"] for r in rows}) > 1:
+            lines.append(
+                f"{tag} checkpointing, best dtype each: ours {label.split(' / ')[0]} "
+                f"({a['dtype']}) / {label.split(' / ')[1]} ({b['dtype']}): tokens/s "
+                f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x{speed_target}, peak memory "
+                f"{a['peak_mib'] / b['peak_mib']:.2f}x{memory_target}"
+            )
+    for arm in ("ours-qlora", "ours-lora", "peft-qlora", "peft-lora"):
+        by = {r["dtype"]: r for r in rows if r["arm"] == arm and r["ckpt"] == ckpt}
+        if "float32" in by and "bfloat16" in by:
+            lines.append(
+                f"{tag} checkpointing: {arm} bfloat16 / float32 compute: tokens/s "
+                f"{by['bfloat16']['tokens_per_s'] / by['float32']['tokens_per_s']:.2f}x, "
+                f"peak memory {by['bfloat16']['peak_mib'] / by['float32']['peak_mib']:.2f}x"
+            )
+    return lines
+
+
+def _ratio_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     for ckpt in (False, True):
         tag = "with" if ckpt else "without"
-        ours_q, ours_l = by.get(("ours-qlora", ckpt)), by.get(("ours-lora", ckpt))
-        peft_q, peft_l = by.get(("peft-qlora", ckpt)), by.get(("peft-lora", ckpt))
-        heap = by.get(("ours-qlora-heap", ckpt))
-        if heap and peft_q:
-            lines.append(
-                f"{tag} checkpointing: ours QLoRA with glibc's default malloc / PEFT+bnb QLoRA: "
-                f"tokens/s {heap['tokens_per_s'] / peft_q['tokens_per_s']:.2f}x, peak memory "
-                f"{heap['peak_mib'] / peft_q['peak_mib']:.2f}x"
-            )
-        if ours_q and peft_q:
-            speed = ours_q["tokens_per_s"] / peft_q["tokens_per_s"]
-            memory = ours_q["peak_mib"] / peft_q["peak_mib"]
-            lines.append(
-                f"{tag} checkpointing: ours QLoRA / PEFT+bnb QLoRA: tokens/s {speed:.2f}x "
-                f"(target >= 1.5x), peak memory {memory:.2f}x "
-                f"(target <= {0.3 if ckpt else 0.5}x)"
-            )
-        if ours_q and ours_l:
-            lines.append(
-                f"{tag} checkpointing: ours QLoRA / ours LoRA step time "
-                f"{ours_q['step_s'] / ours_l['step_s']:.3f}x (target <= 1.10x)"
-            )
-        if ours_l and peft_l:
-            lines.append(
-                f"{tag} checkpointing: ours LoRA / PEFT LoRA: tokens/s "
-                f"{ours_l['tokens_per_s'] / peft_l['tokens_per_s']:.2f}x, peak memory "
-                f"{ours_l['peak_mib'] / peft_l['peak_mib']:.2f}x"
-            )
-        lines += _dora_lines(by, ckpt, tag)
+        lines += _best_lines(rows, ckpt, tag)
+        for dtype in dtypes:
+            by = {(r["arm"], r["ckpt"]): r for r in rows if r["dtype"] == dtype}
+            at = tag if len(dtypes) == 1 else f"{tag} ({dtype})"
+            lines += _same_dtype_lines(by, ckpt, at)
+    return lines
+
+
+def _same_dtype_lines(by: dict, ckpt: bool, tag: str) -> list[str]:
+    lines = []
+    ours_q, ours_l = by.get(("ours-qlora", ckpt)), by.get(("ours-lora", ckpt))
+    peft_q, peft_l = by.get(("peft-qlora", ckpt)), by.get(("peft-lora", ckpt))
+    heap = by.get(("ours-qlora-heap", ckpt))
+    if heap and peft_q:
+        lines.append(
+            f"{tag} checkpointing: ours QLoRA with glibc's default malloc / PEFT+bnb QLoRA: "
+            f"tokens/s {heap['tokens_per_s'] / peft_q['tokens_per_s']:.2f}x, peak memory "
+            f"{heap['peak_mib'] / peft_q['peak_mib']:.2f}x"
+        )
+    if ours_q and peft_q:
+        speed = ours_q["tokens_per_s"] / peft_q["tokens_per_s"]
+        memory = ours_q["peak_mib"] / peft_q["peak_mib"]
+        lines.append(
+            f"{tag} checkpointing: ours QLoRA / PEFT+bnb QLoRA: tokens/s {speed:.2f}x "
+            f"(target >= 1.5x), peak memory {memory:.2f}x "
+            f"(target <= {0.3 if ckpt else 0.5}x)"
+        )
+    if ours_q and ours_l:
+        lines.append(
+            f"{tag} checkpointing: ours QLoRA / ours LoRA step time "
+            f"{ours_q['step_s'] / ours_l['step_s']:.3f}x (target <= 1.10x)"
+        )
+    if ours_l and peft_l:
+        lines.append(
+            f"{tag} checkpointing: ours LoRA / PEFT LoRA: tokens/s "
+            f"{ours_l['tokens_per_s'] / peft_l['tokens_per_s']:.2f}x, peak memory "
+            f"{ours_l['peak_mib'] / peft_l['peak_mib']:.2f}x"
+        )
+    lines += _dora_lines(by, ckpt, tag)
     return lines
 
 
@@ -303,17 +371,33 @@ def _dora_lines(by: dict, ckpt: bool, tag: str) -> list[str]:
 def _table(rows: list[dict[str, Any]], device: str) -> str:
     memory = "peak alloc MiB" if device == "cuda" else "peak RSS MiB"
     lines = [
-        f"| arm | grad ckpt | step s (median) | min-max s | tokens/s | {memory} "
-        "| loss first→last |",
-        "|---|---|---:|---:|---:|---:|---|",
+        f"| arm | compute | grad ckpt | step s (median) | min-max s | tokens/s | {memory} "
+        "| page faults per step | loss first→last |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['arm']} | {'on' if r['ckpt'] else 'off'} | {r['step_s']:.3f} | "
+            f"| {r['arm']} | {r['dtype']} | {'on' if r['ckpt'] else 'off'} | {r['step_s']:.3f} | "
             f"{r['step_min_s']:.2f}-{r['step_max_s']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{r['peak_mib']:.0f} | {r['first_loss']:.3f}→{r['last_loss']:.3f} |"
+            f"{r['peak_mib']:.0f} | {r.get('faults_per_step', 0):,.0f} | "
+            f"{r['first_loss']:.3f}→{r['last_loss']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _dtypes(args: argparse.Namespace) -> list[str]:
+    """The compute dtypes to run: --dtypes, else float32 plus bfloat16 where it is native."""
+    if args.dtypes:
+        dtypes = [d for d in args.dtypes.split(",") if d]
+        bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
+        if bad:
+            raise SystemExit(f"unknown dtype(s) {bad}; choose from float32, bfloat16")
+        return dtypes
+    from qlora.hardware import choose_compute_dtype
+
+    choice = choose_compute_dtype(args.device)
+    print(f"compute_dtype auto on {args.device}: {choice.name} ({choice.reason})", file=sys.stderr)
+    return ["float32", "bfloat16"] if choice.name == "bfloat16" else ["float32"]
 
 
 def main() -> None:
@@ -330,6 +414,10 @@ def main() -> None:
     )
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--model", default="smollm2-135m", help="a model name or directory")
+    parser.add_argument(
+        "--dtypes", default=None, help="compute dtypes, comma-separated (default: see above)"
+    )
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # a child's
     parser.add_argument("--child", choices=ARMS + EXTRA_ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--child-ckpt", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -341,17 +429,22 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS + EXTRA_ARMS)}")
     ckpts = {"both": (False, True), "on": (True,), "off": (False,)}[args.ckpt]
+    dtypes = _dtypes(args)
     rows = []
     for ckpt in ckpts:
         for arm in arms:
-            print(f"running {arm} (grad ckpt {'on' if ckpt else 'off'}) ...", file=sys.stderr)
-            rows.append(_run_child(arm, ckpt, args))
-            r = rows[-1]
-            print(
-                f"  step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s, "
-                f"peak {r['peak_mib']:.0f} MiB",
-                file=sys.stderr,
-            )
+            for dtype in dtypes:
+                print(
+                    f"running {arm} ({dtype}, grad ckpt {'on' if ckpt else 'off'}) ...",
+                    file=sys.stderr,
+                )
+                rows.append(_run_child(arm, ckpt, dtype, args))
+                r = rows[-1]
+                print(
+                    f"  step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tok/s, "
+                    f"peak {r['peak_mib']:.0f} MiB",
+                    file=sys.stderr,
+                )
     import platform
 
     header = (

@@ -7,6 +7,7 @@ those with the vocabulary size are the output head's, other matmuls are the froz
 layers'; the rest by operator name. Self time, so nothing is counted twice.
 
     python benchmarks/profile_step.py [--arm ours-qlora|ours-lora|peft-qlora|peft-lora] [--ckpt]
+                                      [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ def _group(name: str, shapes: list, vocab: int) -> str:
         return "optimizer step"
     if any(k in name for k in ("logsumexp", "log_softmax", "exp", "nll_loss", "cross_entropy")):
         return "loss element-wise (softmax, log-sum-exp)"
-    return "other element-wise, copies, autograd bookkeeping"
+    if "SwiGLU" in name or "silu" in name:
+        return "SwiGLU (silu, product, their backward)"
+    if name in ("aten::_to_copy", "aten::to", "aten::copy_"):
+        return "dtype casts and copies"
+    return "other element-wise, autograd bookkeeping"
 
 
 def main() -> None:
@@ -51,6 +56,14 @@ def main() -> None:
     parser.add_argument("--arm", default="ours-qlora")
     parser.add_argument("--ckpt", action="store_true")
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of the frozen base (bench_step's --dtypes)",
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="a model name or directory")
+    parser.add_argument("--top", type=int, default=0, help="also list the N costliest operators")
     args = parser.parse_args()
 
     import bench_step
@@ -58,7 +71,14 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     bench_args = argparse.Namespace(
-        steps=args.steps, warmup=2, batch=4, seq_len=256, device="cpu", ours_train="{}"
+        steps=args.steps,
+        warmup=2,
+        batch=4,
+        seq_len=256,
+        device="cpu",
+        ours_train="{}",
+        model=args.model,
+        dtype=args.dtype,
     )
     prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
     steps_done = [0]
@@ -75,9 +95,11 @@ def main() -> None:
     times, _ = runner(args.arm, args.ckpt, bench_args)
     prof.__exit__(None, None, None)
     captured: dict[str, float] = defaultdict(float)
+    by_operator: dict[str, float] = defaultdict(float)
     vocab = 49152
     for event in prof.key_averages(group_by_input_shape=True):
         captured[_group(event.key, event.input_shapes, vocab)] += event.self_cpu_time_total / 1e6
+        by_operator[event.key] += event.self_cpu_time_total / 1e6
     total = sum(captured.values())
     profiled_steps = len(times) - bench_args.warmup
     print(
@@ -90,6 +112,10 @@ def main() -> None:
     print("|---|---:|---:|")
     for group, seconds in sorted(captured.items(), key=lambda kv: -kv[1]):
         print(f"| {group} | {seconds / profiled_steps:.2f} | {seconds / total:.1%} |")
+    if args.top:
+        print(f"\n| operator (top {args.top}) | s per step | share |\n|---|---:|---:|")
+        for name, seconds in sorted(by_operator.items(), key=lambda kv: -kv[1])[: args.top]:
+            print(f"| {name} | {seconds / profiled_steps:.3f} | {seconds / total:.1%} |")
 
 
 if __name__ == "__main__":

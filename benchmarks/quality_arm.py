@@ -37,6 +37,9 @@ class Arm:
         lr_scale: the arm's learning rate relative to the task's adapter rate (PiSSA's
             adapters start at W's principal part, large values that Adam moves by ~lr per
             step per element: a lower rate is PiSSA's own recommendation).
+        compute_dtype: the frozen base's matmul dtype (``quant.compute_dtype``); float32
+            unless the arm is about bf16 compute, so that every other arm is unchanged by
+            the machine it runs on.
     """
 
     name: str
@@ -47,6 +50,7 @@ class Arm:
     init: str = "kaiming"
     dora: bool = False
     lr_scale: float = 1.0
+    compute_dtype: str = "float32"
 
 
 ARMS: dict[str, Arm] = {
@@ -55,6 +59,13 @@ ARMS: dict[str, Arm] = {
         Arm("full-fp32", "full fine-tuning, float32", "full"),
         Arm("lora-fp32", "LoRA, float32 base", "lora"),
         Arm("qlora-nf4-dq", "QLoRA, NF4 + double quant", "lora", "nf4"),
+        Arm(
+            "qlora-nf4-dq-bf16",
+            "QLoRA, NF4 + double quant, bfloat16 compute",
+            "lora",
+            "nf4",
+            compute_dtype="bfloat16",
+        ),
         Arm("qlora-fp4", "QLoRA, FP4 + double quant", "lora", "fp4"),
         Arm("qlora-int8", "QLoRA, int8 + double quant", "lora", "int8"),
         Arm("qlora-nf2", "QLoRA, NF2 + double quant", "lora", "nf2"),
@@ -167,7 +178,12 @@ def _model(arm: Arm, seed: int, loftq_iters: int = 1) -> tuple[Any, Any]:
 
         split = PissaSplit(config, seed)
     model, tokenizer = qlora.load_model(
-        "smollm2-135m", quant=quant, double_quant=arm.double_quant, progress=False, split=split
+        "smollm2-135m",
+        quant=quant,
+        double_quant=arm.double_quant,
+        compute_dtype=arm.compute_dtype,
+        progress=False,
+        split=split,
     )
     torch.manual_seed(seed)  # adapter initialization is part of the seeded run
     if arm.method == "full":
@@ -178,7 +194,9 @@ def _model(arm: Arm, seed: int, loftq_iters: int = 1) -> tuple[Any, Any]:
     else:
         qlora.add_lora(model, config)
         if loftq:  # quantize now, fitting the adapters to the quantization error
-            quant_config = QuantConfig(kind=arm.quant, double_quant=arm.double_quant)
+            quant_config = QuantConfig(
+                kind=arm.quant, double_quant=arm.double_quant, compute_dtype=arm.compute_dtype
+            )
             qlora.nn.init_loftq(model, config, quant_config, progress=False)
     return model, tokenizer
 

@@ -222,6 +222,15 @@ def _reading(grouped: dict[str, dict[str, list[dict[str, Any]]]]) -> tuple[list[
                 f"- Full fine-tuning vs LoRA (float32): {full:.4f} vs {lora:.4f} "
                 f"({_pct(full / lora - 1)})."
             )
+        bf16 = _after(arms, "qlora-nf4-dq-bf16")
+        if bf16 is not None and nf4 is not None:
+            change = bf16 / nf4 - 1
+            summary[f"{task}_bf16_vs_fp32_compute"] = round(change, 5)
+            lines.append(
+                f"- bfloat16 vs float32 compute (NF4 + DQ): held-out loss {bf16:.4f} vs "
+                f"{nf4:.4f} (**{_pct(change)}**), "
+                f"{'within' if abs(change) <= 0.01 else 'outside'} 1%."
+            )
         fp4 = _after(arms, "qlora-fp4")
         if fp4 is not None and nf4 is not None:
             noise = max([NOISE_FLOOR, *_spreads(arms)])
@@ -301,7 +310,9 @@ def write_report(
         "on every Linear layer but the output head; AdamW, constant learning rate after a "
         "linear warmup (QLoRA's schedule), gradient clipping 0.3. Full fine-tuning trains "
         "every weight (embeddings tied to the head) with a 10x lower learning rate.",
-        "- Quantized bases: blocksize 64, double quantization, float32 compute. "
+        "- Quantized bases: blocksize 64, double quantization, float32 compute (the "
+        "`-bf16` arm: the frozen base's matmuls and the output head in bfloat16, "
+        "`quant.compute_dtype`; everything else float32). "
         f"LoftQ arms: `lora.init: loftq` with {_loftq_iters(results)} alternating quantize / "
         "rank-16 SVD rounds (`qlora.nn.loftq`).",
         f"- alpaca: `{data.name if data else '?'}` (Stanford Alpaca subset, CC BY-NC 4.0; read "

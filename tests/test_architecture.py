@@ -1,7 +1,7 @@
 """The import direction of the house (docs/architecture.md): each package imports only from
 the layers below it, so a lower box never depends on a higher one and there are no cycles.
 
-    kernels, files, procinfo, dtypes, resources   (import no other qlora package)
+    kernels, files, procinfo, dtypes, devices, hardware, resources   (import no other qlora package)
     quant -> optim -> config -> nn, data -> models, memory -> adapters -> train
     -> recipe, generate, export -> demo -> cli and the package's public API (qlora/__init__.py)
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "qlora"
 
 LAYERS: list[set[str]] = [
-    {"kernels", "files", "procinfo", "dtypes", "devices", "resources"},
+    {"kernels", "files", "procinfo", "dtypes", "devices", "hardware", "resources"},
     {"quant"},
     {"optim"},
     {"config"},

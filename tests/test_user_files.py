@@ -144,7 +144,7 @@ def test_quantize_overwrite_replaces_only_our_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
     save_quantized(_quantized(), out)
     _user_folder(out)
-    model = quantize_model(tiny_llama(seed=1), QuantConfig(kind="nf4"))
+    model = quantize_model(tiny_llama(seed=1), QuantConfig(kind="nf4", compute_dtype="float32"))
     save_quantized(model, out, _tokenizer(), overwrite=True)
     assert (out / "notes.txt").read_text() == NOTES
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(_snapshot(out))

@@ -148,7 +148,7 @@ def test_duplicate_keys_are_errors_not_silently_dropped(tmp_path: Path) -> None:
 def test_choices_come_from_the_modules_that_own_them() -> None:
     assert field_choices(QuantConfig, "kind") == (*KINDS, "gguf", None)
     assert field_choices(TrainConfig, "optim") == OPTIMIZERS
-    assert field_choices(QuantConfig, "compute_dtype") == DTYPE_NAMES
+    assert field_choices(QuantConfig, "compute_dtype") == ("auto", *DTYPE_NAMES)
     assert field_choices(ModelConfig, "dtype") == ("auto", *DTYPE_NAMES)
     assert field_choices(TrainConfig, "lr") == ()
     assert typing.get_args(typing.get_type_hints(TrainConfig)["optim"]) == OPTIMIZERS

@@ -130,16 +130,22 @@ def _env(_: argparse.Namespace) -> int:
     import torch
 
     import qlora
+    from qlora.hardware import choose_compute_dtype
     from qlora.kernels import describe
 
+    cpu = choose_compute_dtype("cpu")
     rows = {
         "qlora": qlora.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu threads": str(torch.get_num_threads()),
         **describe(),
+        "compute_dtype auto (cpu)": f"{cpu.name}: {cpu.reason}",
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
+    if torch.cuda.is_available():
+        gpu = choose_compute_dtype("cuda")
+        rows["compute_dtype auto (cuda)"] = f"{gpu.name}: {gpu.reason}"
     for name in ("transformers", "bitsandbytes", "peft", "triton"):
         try:  # the installed version, without importing it (bitsandbytes warns on import)
             rows[name] = importlib.metadata.version(name)

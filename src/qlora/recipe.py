@@ -99,6 +99,13 @@ def load_base(
     return load_model(config.model, config.quant, progress=progress, blocks=blocks, split=split)
 
 
+def _model_dtype(config: RunConfig) -> str:
+    """The dtype ``model.dtype`` resolves to (auto: float32 on the CPU, bfloat16 on CUDA)."""
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    return "float32" if resolve_device(config.model.device).type == "cpu" else "bfloat16"
+
+
 def run_training(
     config: RunConfig,
     resume: bool = False,
@@ -159,7 +166,10 @@ def _run_in(
     # LoftQ fits the full-precision weights, then quantizes; PiSSA splits each weight as it
     # streams in and the loader quantizes the residual (QPiSSA)
     loftq, pissa = config.lora.init == "loftq", config.lora.init == "pissa"
-    full_precision = dataclasses.replace(config, quant=dataclasses.replace(config.quant, kind=None))
+    full_precision = dataclasses.replace(  # the weights as stored: no bf16 CastLinear
+        config,
+        quant=dataclasses.replace(config.quant, kind=None, compute_dtype=_model_dtype(config)),
+    )
     # FSDP: each layer gets its adapters and is sharded as it loads (no rank holds the base)
     sink, offload = None, config.train.cpu_offload
     check_offload(offload, place)  # before any loading time is spent

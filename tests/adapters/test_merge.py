@@ -65,7 +65,7 @@ def test_fp32_export_loads_with_transformers_and_matches(tmp_path: Path, tied: b
 @pytest.mark.compat
 def test_qlora_export_uses_dequantized_weights(tmp_path: Path) -> None:
     original = tiny_llama(seed=0)
-    model = quantize_model(tiny_llama(seed=0), QuantConfig(kind="nf4"))
+    model = quantize_model(tiny_llama(seed=0), QuantConfig(kind="nf4", compute_dtype="float32"))
     randomize(add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0)))
     report = export_merged(model, tmp_path, check_input_ids=input_ids())
     print(f"nf4 merged export: {report}")

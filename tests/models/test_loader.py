@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qlora.config import QuantConfig
+from qlora.hardware import choose_compute_dtype
 from qlora.models import ModelLoadError, load_model
 from qlora.models.registry import RegisteredModel
 from qlora.nn import QuantLinear, quantize_model
@@ -89,7 +90,9 @@ def test_nf4_load_dequantizes_to_exactly_quantize_of_the_weights(sharded) -> Non
             expected = dequantize(quantize(module.weight.data, "nf4", 64, True))
             assert torch.equal(ours.dequantized_weight(), expected), name
     assert isinstance(loaded.lm_head, nn.Linear)  # the output head stays full precision
-    reference = quantize_model(copy.deepcopy(model), QuantConfig(kind="nf4"))
+    reference = quantize_model(
+        copy.deepcopy(model), QuantConfig(kind="nf4", compute_dtype="float32")
+    )
     assert torch.equal(_logits(loaded), _logits(reference))
 
 
@@ -136,7 +139,9 @@ def test_tied_embeddings_stay_tied_and_biases_load(tmp_path: Path) -> None:
     q_proj = loaded.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, QuantLinear)
     assert torch.equal(q_proj.bias, model.model.layers[0].self_attn.q_proj.bias)
-    reference = quantize_model(copy.deepcopy(model), QuantConfig(kind="nf4"))
+    reference = quantize_model(
+        copy.deepcopy(model), QuantConfig(kind="nf4", compute_dtype="float32")
+    )
     assert torch.equal(_logits(loaded), _logits(reference))
 
 
@@ -423,7 +428,8 @@ def test_load_model_takes_the_config_dataclasses(sharded) -> None:
     quant = QuantConfig(kind="fp4", blocksize=128, double_quant=False, target_modules=["q_proj"])
     loaded, _ = load_model(model_config, quant, tokenizer=False, progress=False)
     q_proj = loaded.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, QuantLinear) and q_proj.compute_dtype == torch.float32
+    auto = choose_compute_dtype("cpu").dtype  # QuantConfig's default compute_dtype: auto
+    assert isinstance(q_proj, QuantLinear) and q_proj.compute_dtype == auto
     state = q_proj.quant_state
     assert (state.kind, state.blocksize, state.nested) == ("fp4", 128, None)
     assert isinstance(loaded.model.layers[0].self_attn.k_proj, nn.Linear)

@@ -13,6 +13,7 @@ import torch
 from qlora.config import RunConfig, load_run_config
 from qlora.data import make_task_dataset, write_jsonl
 from qlora.models import REGISTRY, ModelLoadError, load_model
+from qlora.nn.inject import float32_compute
 from qlora.recipe import run_training
 
 transformers = pytest.importorskip("transformers")
@@ -56,7 +57,7 @@ def test_train_save_reload_generate_merge(tmp_path: Path, capsys) -> None:
     # A fresh nf4 base + the saved adapter gives the trained model's logits.
     from qlora.adapters import load_adapter
 
-    fresh, tok = load_model("smollm2-135m", quant="nf4", progress=False)
+    fresh, tok = load_model("smollm2-135m", config.quant, progress=False)  # same compute dtype
     load_adapter(fresh, adapter)
     ids = tok("Reverse the order of these words.", return_tensors="pt").input_ids
     trained = result.model.eval()
@@ -79,7 +80,7 @@ def test_train_save_reload_generate_merge(tmp_path: Path, capsys) -> None:
     assert code == 0
     assert "drift" in capsys.readouterr().out
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    with torch.no_grad():
+    with torch.no_grad(), float32_compute(trained):  # the merge's error, not bf16 compute's
         drift = (merged(ids).logits - trained(ids).logits).abs().max().item()
     assert drift < 1e-3
 
@@ -107,7 +108,7 @@ def test_loftq_recipe_trains_and_its_adapter_loads_on_a_plain_base(tmp_path: Pat
     assert isinstance(layers["model.layers.0.mlp.down_proj"], QuantLinear)
     assert result.train.eval_loss is not None and result.train.eval_loss == result.train.eval_loss
 
-    fresh, tok = load_model("smollm2-135m", quant="nf4", progress=False)
+    fresh, tok = load_model("smollm2-135m", config.quant, progress=False)  # same compute dtype
     load_adapter(fresh, result.adapter_dir)
     ids = tok("Reverse the order of these words.", return_tensors="pt").input_ids
     with torch.no_grad():

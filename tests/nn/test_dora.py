@@ -178,7 +178,8 @@ def test_dora_takes_the_reference_paths_of_decoding_and_export(tmp_path) -> None
     from qlora.models.batch_decode import adapter_weights
     from tests.tiny_models import tiny_llama
 
-    model = quantize_model(tiny_llama(seed=0, vocab=96), QuantConfig(kind="nf4"))
+    quant = QuantConfig(kind="nf4", compute_dtype="float32")  # the merged export's float32
+    model = quantize_model(tiny_llama(seed=0, vocab=96), quant)
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=True))
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():

@@ -358,7 +358,7 @@ def test_model_merge_reproduces_lora_logits(family: str) -> None:
 
 def test_model_merge_of_qlora_model_dequantizes() -> None:
     model = tiny_model()
-    quantize_model(model, QuantConfig(kind="nf4"))
+    quantize_model(model, QuantConfig(kind="nf4", compute_dtype="float32"))
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     _randomize_b(model)
     ids = _ids()

@@ -115,7 +115,8 @@ def _built(args: argparse.Namespace, lora: LoraConfig) -> torch.nn.Module:
     else:
         model = tiny_llama(vocab=VOCAB, seed=0).train()
     if args.quant != "none":
-        model = quantize_model(model, QuantConfig(kind=args.quant))
+        # float32 compute: world 1 and world 2 must agree to float32 rounding, not bf16's
+        model = quantize_model(model, QuantConfig(kind=args.quant, compute_dtype="float32"))
     torch.manual_seed(1)  # the adapters' initialization (B random: the gradients of A count)
     add_lora(model, lora)
     with torch.no_grad():

@@ -36,6 +36,7 @@ from torch import nn
 from qlora.files import staged_directory
 from qlora.models.destination import MODEL_FILES, check_model_destination
 from qlora.models.safetensors_io import write_safetensors
+from qlora.nn.inject import float32_compute
 from qlora.nn.lora import LoRALinear, base_weight_dtype, merged_weight
 from qlora.nn.qlinear import QuantLinear
 
@@ -264,7 +265,9 @@ def export_merged(
         dtype: dtype of the written tensors; default: each weight's original dtype.
         check_input_ids: token ids [batch, seq] or [seq]; when given, the written checkpoint
             is loaded back with transformers and `measure_drift` against ``model`` is
-            reported (costs a second full-precision copy of the model in memory).
+            reported (costs a second full-precision copy of the model in memory); ``model``
+            computes in float32 for it (`float32_compute`), so a bf16 compute dtype's
+            rounding is not counted as the merge's drift.
         verbose: print the report line.
         overwrite: write into a directory that holds other files: replace only the files
             written here (``config.json``, ``generation_config.json``, ``model.safetensors``,
@@ -312,7 +315,8 @@ def export_merged(
         merged = AutoModelForCausalLM.from_pretrained(
             directory, dtype=config.dtype, trust_remote_code=False
         )
-        drift = measure_drift(model, merged, check_input_ids)
+        with float32_compute(model):  # the merge's error, not bf16 compute's rounding
+            drift = measure_drift(model, merged, check_input_ids)
         del merged
     report = ExportReport(
         directory, len(plan.entries), nbytes, plan.merged_layers, plan.dequantized_layers, drift

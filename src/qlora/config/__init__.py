@@ -96,8 +96,11 @@ class QuantConfig:
             double_quant do not apply).
         blocksize: elements per absmax block (power of two, 32..4096).
         double_quant: also quantize the absmax values (saves ~0.37 bits/param at blocksize 64).
-        compute_dtype: dtype the weights are dequantized to for the matmul. float32 on CPUs
-            without bf16 hardware (bf16 matmuls are far slower there); bfloat16 on GPUs.
+        compute_dtype: dtype the frozen weights are dequantized to for the matmul ("auto":
+            bfloat16 where the hardware multiplies it natively - GPUs, CPUs with AVX512-BF16
+            or AMX - and float32 elsewhere, where bf16 matmuls are far slower; `qlora env`
+            prints the choice). Activations, adapters, their gradients, the optimizer and
+            the loss stay in float32 either way.
         target_modules: which Linear layers to quantize: "all-linear" (all but the output
             head), a list of module-name suffixes, or a regular expression on the full name.
     """
@@ -107,7 +110,7 @@ class QuantConfig:
     kind: BaseKind | None = "nf4"
     blocksize: int = 64
     double_quant: bool = True
-    compute_dtype: DtypeName = "float32"
+    compute_dtype: Literal["auto"] | DtypeName = "auto"
     target_modules: TargetModules = "all-linear"
 
     def __post_init__(self) -> None:

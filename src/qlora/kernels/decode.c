@@ -42,6 +42,7 @@
 #include <stdlib.h>
 
 #include "matvec.h"
+#include "exp_approx.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -57,30 +58,6 @@
 /* Columns scored at a time (an online softmax across chunks; one chunk up to this many). */
 #define SCORE_CHUNK 512
 #define MAX_HEAD_DIM 512
-
-/* exp(x) in float32 within ~1 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-7
- * polynomial for exp(r), times 2^n by the exponent bits), written so that a loop of it
- * vectorizes (glibc's expf is a call per element: at 12k SiLUs per token that alone cost
- * more than the rest of this file). Inputs are clamped to [-87.3, 88.7]: exp of anything
- * below is ~1e-38 instead of 0, which no sum here can tell apart. */
-static inline float exp_approx(float x) {
-    x = x > 88.7f ? 88.7f : (x < -87.3f ? -87.3f : x);
-    const float shifted = x * 1.44269504088896341f + 12582912.0f; /* round(x / ln 2) + 1.5*2^23 */
-    const float n = shifted - 12582912.0f;
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    const float z = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * z + r + 1.0f;
-    union { float f; int32_t i; } scale;
-    scale.i = ((int32_t)n + 127) << 23;
-    return p * scale.f;
-}
 
 static inline float dot(const float *a, const float *b, int64_t d) {
     float total = 0.0f;

@@ -201,6 +201,7 @@ class _Run:
     m: int  # dropout mask bytes
     attention: str
     fused: bool = False  # LoRALinear's fused CPU path: dropout regenerated, x saved once
+    fused_mlp: bool = False  # qlora.nn.swiglu.SwiGLUMLP: g and up(x) saved, silu(g) is not
 
 
 def layer_saved_tensors(
@@ -215,6 +216,7 @@ def layer_saved_tensors(
     device: Device = "cuda",
     attention: Attention = "sdpa",
     input_requires_grad: bool = True,
+    fused_mlp: bool = False,
 ) -> list[SavedTensor]:
     """The tensors one decoder layer saves for backward (module docstring §2-§3).
 
@@ -226,8 +228,12 @@ def layer_saved_tensors(
         compute_dtype, device: element sizes of activations and dropout masks.
         attention: "sdpa" (flash-style kernels) or "eager".
         input_requires_grad: False for the first layer under LoRA without checkpointing.
+        fused_mlp: the MLP is our `SwiGLUMLP` (what `load_model` builds for Llama, Mistral,
+            Qwen2 and Qwen3), which keeps silu(g) out of the saved tensors.
     """
-    run = _make_run(batch, seq_len, method, rank, lora_dropout, compute_dtype, device, attention)
+    run = _make_run(
+        batch, seq_len, method, rank, lora_dropout, compute_dtype, device, attention, fused_mlp
+    )
     return _layer(shape, run, input_requires_grad).items
 
 
@@ -240,6 +246,7 @@ def _make_run(
     compute_dtype: str,
     device: str,
     attention: str,
+    fused_mlp: bool = False,
 ) -> _Run:
     lora = not method.startswith("full")
     adapter_bytes = 4
@@ -259,6 +266,7 @@ def _make_run(
         # float32 on the CPU runs qlora.nn.lora_fused (when its C kernel is built): dropout
         # is regenerated from seeds in backward, so only x itself is kept, shared.
         fused=lora and device == "cpu" and compute_dtype == "float32" and _fused_available(),
+        fused_mlp=fused_mlp,
     )
 
 
@@ -389,7 +397,8 @@ def _layer(shape: ModelShape, run: _Run, input_requires_grad: bool) -> _Saved:
         for proj in ("gate_proj", "up_proj"):
             _linear_input(saved, run, proj, h, t, "n2", "post_attention_layernorm output")
         saved.add("g = gate_proj(x)", "silu", f"[T, i]·{p}", t * i * p)
-        saved.add("silu(g)", "SwiGLU mul", f"[T, i]·{p}", t * i * p)
+        if not run.fused_mlp:  # SwiGLUMLP recomputes silu(g) in backward
+            saved.add("silu(g)", "SwiGLU mul", f"[T, i]·{p}", t * i * p)
         saved.add("up_proj(x)", "SwiGLU mul", f"[T, i]·{p}", t * i * p)
         _linear_input(saved, run, "down_proj", i, t, "prod", "silu(g)·up")
     return saved

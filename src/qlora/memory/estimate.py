@@ -281,17 +281,26 @@ def _module_params(model: nn.Module, method: str, rank: int) -> tuple[_Params, i
     return params, found_rank, found_dropout
 
 
-def _module_defaults(model: nn.Module) -> tuple[str, str, str]:
-    """(compute dtype, device, attention implementation) a module will train with."""
-    from qlora.nn.qlinear import QuantLinear
+def _fused_mlp(model: object, shape: ModelShape) -> bool:
+    """Whether the MLP saves as `SwiGLUMLP` does: a module that has one, or a model by name or
+    shape, which `load_model` builds with it (dense MLPs)."""
+    from qlora.nn.swiglu import SwiGLUMLP
 
-    dtype = None
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            dtype = module.compute_dtype
-            break
+    if isinstance(model, nn.Module):
+        return any(isinstance(m, SwiGLUMLP) for m in model.modules())
+    return not shape.is_moe
+
+
+def _module_defaults(model: nn.Module) -> tuple[str, str, str]:
+    """(activation dtype, device, attention implementation) a module will train with.
+
+    The activations have the dtype of the input embedding (the model's own dtype): a k-bit
+    layer's or a CastLinear's compute dtype applies inside its matmul only."""
     tensors = [p for p in model.parameters() if p.is_floating_point()]
-    if dtype is None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        dtype = embeddings.weight.dtype
+    else:
         dtype = tensors[0].dtype if tensors else torch.float32
     device = "cuda" if tensors and tensors[0].device.type == "cuda" else "cpu"
     config = getattr(model, "config", None)
@@ -610,6 +619,7 @@ def estimate(
         settings.compute_dtype,
         settings.device,
         settings.attention,
+        _fused_mlp(model, shape),
     )
     peak = _activation_peak(shape, run, seq_len, grad_ckpt, chunked_loss, loss_chunk_tokens)
     notes = [*params.notes, *memory.notes, *_context_notes(shape, settings.device)]

@@ -138,7 +138,7 @@ class _Projection:
     path: str
     base: nn.Module
     plan: MatvecPlan | None = None
-    float32: bool = False  # a float32-compute QuantLinear
+    float32: bool = False  # a k-bit layer: decoded in float32 (any compute dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> [n, out]: QuantLinear.forward's arithmetic, step for step."""
@@ -167,7 +167,9 @@ def _projection(model: nn.Module, path: str) -> _Projection:
     plan = None
     if isinstance(module, QuantLinear) and module.weight.device.type == "cpu":
         plan = MatvecPlan.create(module.quant_state)
-    float32 = isinstance(module, QuantLinear) and module.compute_dtype == torch.float32
+    # The decode kernels accumulate in float32 whatever the layer's compute dtype (as
+    # QuantLinear's own fast_decoding path): bf16 is for the many-row training matmuls.
+    float32 = isinstance(module, QuantLinear)
     return _Projection(path, module, plan, float32)
 
 

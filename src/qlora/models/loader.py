@@ -53,11 +53,15 @@ from tqdm.auto import tqdm
 from qlora.config import ModelConfig, QuantConfig, TargetModules
 from qlora.devices import DeviceError, resolve_device
 from qlora.dtypes import torch_dtype
+from qlora.hardware import choose_compute_dtype
 from qlora.models.gguf_source import GGUFBase, gguf_file
 from qlora.models.registry import DEFAULT_MODEL, ModelLoadError, gguf_to_hf, registered_path
 from qlora.models.safetensors_io import SafetensorsError, SafetensorsReader
+from qlora.nn.cast_linear import CastLinear
 from qlora.nn.inject import find_targets, replace_module
 from qlora.nn.qlinear import QuantLinear
+from qlora.nn.rms_norm import fuse_norms
+from qlora.nn.swiglu import fuse_mlps
 from qlora.procinfo import rss_bytes
 from qlora.quant.blockwise import quantize
 from qlora.quant.codebooks import BaseKind
@@ -96,6 +100,16 @@ def _as_dtype(value: torch.dtype | str | None, default: torch.dtype) -> torch.dt
     if isinstance(value, torch.dtype):
         return value
     return torch_dtype(value)
+
+
+def _compute_dtype(
+    value: torch.dtype | str | None, dtype: torch.dtype, device: torch.device
+) -> torch.dtype:
+    """The k-bit base's matmul dtype: ``"auto"`` asks the hardware (`qlora.hardware`); None
+    (a plain keyword call) keeps the model's ``dtype``."""
+    if value == "auto":
+        return choose_compute_dtype(device).dtype
+    return _as_dtype(value, dtype)
 
 
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
@@ -407,7 +421,7 @@ def _config_fields(
         fields["double_quant"] = quant.double_quant
         fields["blocksize"] = quant.blocksize
         fields["target_modules"] = quant.target_modules
-        fields["compute_dtype"] = quant.compute_dtype if quant.kind else None
+        fields["compute_dtype"] = quant.compute_dtype
     return fields
 
 
@@ -433,7 +447,7 @@ def _plan(
         quant=quant.kind if isinstance(quant, QuantConfig) else quant,
         double_quant=bool(chosen["double_quant"]),
         blocksize=int(chosen["blocksize"]),
-        compute_dtype=_as_dtype(chosen["compute_dtype"], dtype),
+        compute_dtype=_compute_dtype(chosen["compute_dtype"], dtype, device),
         dtype=dtype,
         target_modules=chosen["target_modules"],
         device=device,
@@ -517,9 +531,12 @@ def _skeleton(config: Any, plan: _Plan) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(
+        model = AutoModelForCausalLM.from_config(
             config, dtype=plan.dtype, trust_remote_code=plan.trust_remote_code
         )
+    fuse_mlps(model)  # our SwiGLU MLP over the same projections (qlora.nn.swiglu)
+    fuse_norms(model)  # our RMSNorm over the same weights (qlora.nn.rms_norm)
+    return model
 
 
 class _Stream:
@@ -540,7 +557,16 @@ class _Stream:
     ) -> None:
         self.model, self.plan, self.info, self.gguf_base = model, plan, info, gguf_base
         quantizing = plan.quant is not None or info.prequantized
-        self.targets = set(find_targets(model, plan.target_modules)) if quantizing else set()
+        # An unquantized base multiplying in another dtype (compute_dtype bfloat16 over a
+        # float32 model): its target Linears become CastLinear, their weights stored in the
+        # compute dtype as they stream in (qlora.nn.cast_linear).
+        self.casting = not quantizing and plan.compute_dtype != plan.dtype
+        targeted = quantizing or self.casting
+        self.targets = set(find_targets(model, plan.target_modules)) if targeted else set()
+        if self.casting:
+            for owner in self.targets:
+                linear = model.get_submodule(owner)
+                replace_module(model, owner, CastLinear.from_linear(linear, plan.compute_dtype))
         self.slots = _Slots(model)
         self.pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # bnb groups
         self.states: dict[str, QuantState] = {}
@@ -650,6 +676,8 @@ class _Stream:
             self.info.quantized_params += view.numel()
         else:
             target = plan.dtype if view.is_floating_point() else view.dtype
+            if is_target and self.casting:
+                target = plan.compute_dtype
             self.slots.assign(name, view.to(device=device, dtype=target, copy=True))
             self.info.full_precision_bytes += view.numel() * target.itemsize
         return name
@@ -761,7 +789,8 @@ def load_model(
             True).
         blocksize: elements per quantization block (default 64).
         compute_dtype: dtype the quantized weights are dequantized to for matmuls
-            (default: ``dtype``).
+            (default: ``dtype``; "auto": bfloat16 where the hardware multiplies it natively,
+            else float32, as `qlora.hardware.choose_compute_dtype` decides).
         dtype: dtype of everything kept in full precision - embeddings, norms, the output
             head, and the Linear weights when ``quant`` is None. Default float32 on CPU
             (no fast bf16 there) and bfloat16 on CUDA.

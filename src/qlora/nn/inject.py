@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from qlora.config import LoraConfig, QuantConfig
+from qlora.nn.cast_linear import CastLinear
 from qlora.nn.lora import LoRALinear, base_weight_dtype, merged_weight
 from qlora.nn.qlinear import QuantLinear
 
@@ -38,6 +39,8 @@ __all__ = [
     "add_lora",
     "disable_adapters",
     "find_targets",
+    "float32_compute",
+    "frozen_compute_dtype",
     "lora_layers",
     "merge",
     "quantize_model",
@@ -145,6 +148,37 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
+
+
+def frozen_compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the frozen base's matmuls run in: the first k-bit layer's compute dtype, or
+    the first adapted plain Linear's weight dtype; None for a model with neither."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear | CastLinear):
+            return module.compute_dtype
+        if isinstance(module, LoRALinear):
+            base = module.base_layer
+            if isinstance(base, QuantLinear | CastLinear):
+                return base.compute_dtype
+            if isinstance(base, nn.Linear):
+                return base.weight.dtype
+    return None
+
+
+@contextlib.contextmanager
+def float32_compute(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this block every k-bit layer and `CastLinear` multiplies in float32 (their stored
+    weights unchanged): what a merged float32 export computes, so that comparing the two
+    measures the merge and not bf16 rounding. The compute dtypes are restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear | CastLinear)]
+    before = [m.compute_dtype for m in layers]
+    try:
+        for module in layers:
+            module.compute_dtype = torch.float32
+        yield model
+    finally:
+        for module, dtype in zip(layers, before, strict=True):
+            module.compute_dtype = dtype
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from qlora.nn.cast_linear import CastLinear
 from qlora.nn.dora import base_row_norms_sq, weight_norm
 from qlora.nn.dora_fused import fused_dora
-from qlora.nn.lora_fused import fused_lora, fused_lora_supported
+from qlora.nn.lora_fused import base_compute_dtype, fused_lora, fused_lora_supported
 from qlora.nn.qlinear import QuantLinear
 
 __all__ = [
@@ -64,6 +65,8 @@ def base_weight_dtype(base: nn.Module) -> torch.dtype:
     """
     if isinstance(base, QuantLinear):
         return base.quant_state.dtype
+    if isinstance(base, CastLinear):
+        return base.full_dtype
     return base.weight.dtype
 
 
@@ -301,8 +304,13 @@ class LoRALinear(nn.Module):
         if not self.disabled and len(self.active_adapters) == 1 and not self.merged_adapters:
             name = self.active_adapters[0]
             dora = name in self.lora_magnitude_vector
-            if name in self.lora_A and fused_lora_supported(
-                self.base_layer, x, self.lora_A[name].weight, self.lora_dropout[name]
+            if (
+                name in self.lora_A
+                and fused_lora_supported(
+                    self.base_layer, x, self.lora_A[name].weight, self.lora_dropout[name]
+                )
+                # fused DoRA reads the base weight for its norm at the activations' precision
+                and not (dora and base_compute_dtype(self.base_layer) != x.dtype)
             ):
                 if dora:
                     return fused_dora(
@@ -492,6 +500,8 @@ def merge_adapter(layer: LoRALinear, names: str | Iterable[str] | None = None) -
       (dtype: the weight's pre-quantization dtype) holding W_deq + deltas; the QuantLinear
       object is kept aside untouched. This NEVER re-quantizes - the merged layer stays full
       precision and therefore uses more memory; unmerge restores the QuantLinear exactly.
+      A `CastLinear` base (bf16 weights under float32 activations) the same way, the merged
+      Linear in the activations' dtype (ΔW added into bf16 in place would mostly round away).
 
     Args:
         layer: the LoRA layer (modified in place).
@@ -504,9 +514,12 @@ def merge_adapter(layer: LoRALinear, names: str | Iterable[str] | None = None) -
     if not names:
         return layer
     base = layer.base_layer
-    if isinstance(base, QuantLinear):
+    if isinstance(base, QuantLinear | CastLinear):  # stored narrower than it computes
         dtype = base_weight_dtype(base)
-        weight = base.dequantized_weight(torch.float32)  # [out, in]
+        if isinstance(base, QuantLinear):
+            weight = base.dequantized_weight(torch.float32)  # [out, in]
+        else:
+            weight = base.weight.detach().float()  # [out, in]
         for name in names:
             _fold(layer, name, weight)
         dense = nn.Linear(

@@ -36,24 +36,74 @@ same mask.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 from torch import nn
 
 from qlora.kernels import c_extension
+from qlora.nn.cast_linear import CastLinear
 from qlora.nn.dropout import apply_dropout, draw_seeds
 from qlora.nn.qlinear import QuantLinear, dequantize_for_matmul, fast_decoding_applies
 from qlora.quant.scratch import scratch
 
-__all__ = ["fused_lora", "fused_lora_supported"]
+__all__ = ["base_compute_dtype", "fused_lora", "fused_lora_supported"]
+
+
+def base_compute_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype the frozen base multiplies in: a QuantLinear's compute dtype, else its
+    weight's own dtype."""
+    if isinstance(base, QuantLinear | CastLinear):
+        return base.compute_dtype
+    return base.weight.dtype
 
 
 def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The frozen weight [n, k] as the base's own forward multiplies by it."""
     if isinstance(base, QuantLinear):
         return dequantize_for_matmul(base.quant_state, dtype)  # reused buffer: use at once
-    return base.weight.detach()
+    return base.weight.detach().to(dtype)  # a CastLinear under float32_compute: widened
+
+
+class _LastInput(threading.local):
+    """Which input this thread last rounded into its "input" scratch buffer."""
+
+    key: tuple | None = None
+    source: torch.Tensor | None = None  # held, so its memory cannot be reused under the key
+
+
+_LAST_INPUT = _LastInput()
+
+
+def _narrowed(rows: torch.Tensor, dtype: torch.dtype, slot: str) -> torch.Tensor:
+    """``rows`` rounded to ``dtype`` in this thread's ``slot`` buffer. The "input" slot keeps
+    the last result while the same rows come again: q, k and v read one normed hidden state,
+    gate and up another, so they share one rounding pass."""
+    key = (rows.data_ptr(), tuple(rows.shape), rows.stride(), rows._version, dtype)
+    buffer = scratch(rows.shape, dtype, slot)
+    if slot == "input":
+        if _LAST_INPUT.key == key:
+            return buffer
+        _LAST_INPUT.key, _LAST_INPUT.source = key, rows
+    return buffer.copy_(rows)
+
+
+def _times(rows: torch.Tensor, matrix: torch.Tensor, slot: str) -> torch.Tensor:
+    """rows [T, k] @ matrix [k, n] in the matrix's dtype (the base's compute dtype), returned
+    in the rows' dtype.
+
+    With a bfloat16 base the float32 rows are rounded to bf16 for the product and the product
+    comes back to float32 (what `QuantLinear.forward` computes). The rounded rows and the bf16
+    product live in per-thread scratch buffers (`qlora.quant.scratch`): fresh [T, k] and
+    [T, n] tensors on every call would each be new memory to fault in, which costs more than
+    the rounding itself.
+    """
+    if rows.dtype == matrix.dtype:
+        return rows @ matrix
+    narrow = _narrowed(rows, matrix.dtype, slot)  # [T, k]
+    product = scratch((rows.shape[0], matrix.shape[1]), matrix.dtype, "product")  # [T, n]
+    return torch.mm(narrow, matrix, out=product).to(rows.dtype)
 
 
 def _dropped(x: torch.Tensor, seeds: tuple[int, int] | None, p: float) -> torch.Tensor:
@@ -77,12 +127,14 @@ class _FusedLoRA(torch.autograd.Function):
         p: float,
         seeds: tuple[int, int] | None,
     ) -> torch.Tensor:
-        weight = _base_weight(base, x.dtype)  # [n, k]
+        weight = _base_weight(base, base_compute_dtype(base))  # [n, k]
         bias = base.bias
-        if bias is not None:
+        if bias is not None and weight.dtype == x.dtype:
             y = torch.addmm(bias.detach().to(x.dtype), x, weight.t())  # [T, n]
         else:
-            y = x @ weight.t()  # [T, n]
+            y = _times(x, weight.t(), "input")  # [T, n]
+            if bias is not None:
+                y.add_(bias.detach().to(y.dtype))
         del weight
         dropped = _dropped(x, seeds, p)  # [T, k]
         h = dropped @ weight_a.t()  # [T, r]
@@ -123,8 +175,8 @@ def lora_backward(
         del dropped
     grad_x = None
     if need_x:
-        weight = _base_weight(ctx.base, grad_y.dtype)  # [n, k]
-        grad_x = grad_y @ weight  # [T, k]
+        weight = _base_weight(ctx.base, base_compute_dtype(ctx.base))  # [n, k]
+        grad_x = _times(grad_y, weight, "grad")  # [T, k]
         del weight
         if seeds is not None:
             lora_grad = torch.mm(grad_h, weight_a, out=scratch(grad_x.shape, x.dtype, "dropout"))
@@ -137,10 +189,11 @@ def lora_backward(
 def fused_lora_supported(
     base: nn.Module, x: torch.Tensor, weight_a: torch.Tensor, dropout: nn.Module
 ) -> bool:
-    """Whether `fused_lora` computes this layer: float32 on the CPU, a plain frozen base.
+    """Whether `fused_lora` computes this layer: float32 activations and adapters on the CPU,
+    a plain frozen base multiplying in float32 or bfloat16.
 
-    Elsewhere (CUDA, half precision, custom bases, dropout modules other than ``nn.Dropout``
-    or ``nn.Identity``) `LoRALinear` composes its modules, the reference path.
+    Elsewhere (CUDA, half-precision activations, custom bases, dropout modules other than
+    ``nn.Dropout`` or ``nn.Identity``) `LoRALinear` composes its modules, the reference path.
     """
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight_a.dtype != torch.float32:
         return False
@@ -152,10 +205,10 @@ def fused_lora_supported(
     if isinstance(base, QuantLinear):
         if fast_decoding_applies(x, base.quant_state):
             return False  # decoding: the base's own fused matvec beats dequantizing it here
-        return base.compute_dtype == torch.float32
+        return base.compute_dtype in (torch.float32, torch.bfloat16)
     return (
-        type(base) is nn.Linear
-        and base.weight.dtype == torch.float32
+        type(base) in (nn.Linear, CastLinear)
+        and base.weight.dtype in (torch.float32, torch.bfloat16)
         and not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
     )

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qlora.dtypes import torch_dtype
+from qlora.hardware import choose_compute_dtype
 from qlora.quant.blockwise import quantize
 from qlora.quant.dequant import dequantize
 from qlora.quant.matvec import matvec_applies, quantized_matmul_few
@@ -145,7 +146,8 @@ class QuantLinear(nn.Module):
     Args:
         state: the quantized weight [out, in].
         bias: optional full-precision bias [out] (kept frozen by default).
-        compute_dtype: dtype for the matmul; inputs are cast to it, outputs cast back.
+        compute_dtype: dtype for the matmul; inputs are cast to it, outputs cast back
+            ("auto": `qlora.hardware.choose_compute_dtype` for the state's device).
     """
 
     def __init__(
@@ -158,7 +160,9 @@ class QuantLinear(nn.Module):
         if len(state.shape) != 2:
             raise ValueError(f"QuantLinear needs a 2-D weight, got shape {tuple(state.shape)}")
         self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
-        if isinstance(compute_dtype, str):
+        if compute_dtype == "auto":  # bf16 where the hardware multiplies it natively
+            compute_dtype = choose_compute_dtype(state.packed.device).dtype
+        elif isinstance(compute_dtype, str):
             compute_dtype = torch_dtype(compute_dtype)
         self.compute_dtype = compute_dtype
         self.bias = (
@@ -253,18 +257,23 @@ class QuantLinear(nn.Module):
         A few tokens without autograd (decoding) take a fused kernel that reads the k-bit codes
         once instead of writing and re-reading a dequantized copy: Triton on CUDA, and on the
         CPU inside `fast_decoding` the C kernel of `qlora.quant.matvec` (float32
-        accumulation; equal to dequantize-then-matmul up to summation order).
+        accumulation; equal to dequantize-then-matmul in float32 up to summation order, also
+        under a bfloat16 compute dtype, which only the many-row matmuls use).
         """
         state = self.quant_state
         if x.is_cuda and not state.is_gguf and _fused_decode_applies(x, self.in_features):
             out = _fused_decode(x.to(self.compute_dtype), state)
         elif fast_decoding_applies(x, state):  # CPU decoding: no dequantized copy
-            out = quantized_matmul_few(x.to(self.compute_dtype), state).to(self.compute_dtype)
+            # Few rows are memory-bound: the kernel reads the codes once and accumulates in
+            # float32 whatever compute_dtype says, so float32 inputs are not rounded to bf16.
+            rows = x if x.dtype == torch.float32 else x.to(self.compute_dtype)
+            out = quantized_matmul_few(rows, state).to(rows.dtype)
         else:
             out = quantized_matmul(x.to(self.compute_dtype), state)
-        if self.bias is not None:
+        out = out.to(x.dtype)
+        if self.bias is not None:  # added at the activations' precision, not bf16's
             out = out + self.bias.to(out.dtype)
-        return out.to(x.dtype)
+        return out
 
     def extra_repr(self) -> str:
         meta = self._meta

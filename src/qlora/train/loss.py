@@ -26,6 +26,12 @@ Backward multiplies the saved gradients by the incoming scalar. Positions whose 
 -100 (the prompt, padding) are dropped before the head is applied at all: on instruction
 data that skips most of the head's FLOPs too.
 
+With a bfloat16 compute dtype (``quant.compute_dtype``: the frozen base multiplies in bf16,
+e.g. on a CPU with AMX or AVX512-BF16) a frozen head does too: its two [C × V × d] products
+(the logits, and g W for ∂L/∂h) take bf16 inputs and accumulate in float32 inside the matmul;
+the logits are then widened to float32 before the log-sum-exp, the softmax and the loss, as
+the QLoRA recipe does on GPUs. A trained head keeps float32 (its gradient accumulates there).
+
 The slow, obvious reference is `reference_cross_entropy` (full logits, ``F.cross_entropy``);
 tests compare the two, values and gradients.
 """
@@ -37,6 +43,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qlora.nn.inject import frozen_compute_dtype
+from qlora.quant.scratch import scratch
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "chunked_cross_entropy", "reference_cross_entropy"]
 
@@ -51,6 +60,17 @@ def _shift(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return hidden[keep], targets[keep]
 
 
+def _buffer(
+    shape: tuple[int, int], dtype: torch.dtype, slot: str, device: torch.device
+) -> torch.Tensor:
+    """A [C, V] logits buffer: on the CPU one per thread, reused by every chunk and step
+    (`qlora.quant.scratch`: a fresh ~200 MB tensor per chunk would be new memory to fault in
+    each time); elsewhere a new tensor."""
+    if device.type == "cpu":
+        return scratch(shape, dtype, slot)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy of softmax(h Wᵀ + b) against y, gradients formed in forward."""
 
@@ -62,19 +82,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         bias: torch.Tensor | None,  # [V]
         targets: torch.Tensor,  # [N]
         chunk: int,
+        compute_dtype: torch.dtype,
     ) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        w32 = weight.float()
+        if need_w:  # a trained head: its gradient accumulates in float32
+            compute_dtype = torch.float32
+        w_head = weight.to(compute_dtype)  # [V, d]
         b32 = bias.float() if bias is not None else None
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(w32) if need_w else None
+        grad_w = torch.zeros_like(w_head) if need_w else None
         grad_b = torch.zeros_like(b32) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start : start + chunk].float()  # [C, d]
+            h = hidden[start : start + chunk].to(compute_dtype)  # [C, d]
             y = targets[start : start + chunk]  # [C]
-            logits = h @ w32.t()  # [C, V]
+            shape = (h.shape[0], w_head.shape[0])
+            logits = _buffer(shape, torch.float32, "logits", h.device)  # [C, V]
+            if compute_dtype == torch.float32:
+                torch.mm(h, w_head.t(), out=logits)
+            else:  # the bf16 product, widened
+                narrow = _buffer(shape, compute_dtype, "logits_narrow", h.device)
+                logits.copy_(torch.mm(h, w_head.t(), out=narrow))
             if b32 is not None:
                 logits += b32
             lse = torch.logsumexp(logits, dim=-1)  # [C]
@@ -83,7 +112,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad = logits.sub_(lse[:, None]).exp_()  # p = softmax, in place: [C, V]
                 grad[torch.arange(len(y), device=y.device), y] -= 1.0  # p - onehot(y)
                 if need_h:
-                    grad_h[start : start + chunk] = (grad @ w32).to(hidden.dtype)
+                    factor = grad
+                    if compute_dtype != torch.float32:  # rounded for the bf16 product
+                        narrow = _buffer(shape, compute_dtype, "logits_narrow", h.device)
+                        factor = narrow.copy_(grad)
+                    grad_rows = factor @ w_head  # [C, d]
+                    grad_h[start : start + chunk] = grad_rows.to(hidden.dtype)
                 if need_w:
                     grad_w.addmm_(grad.t(), h)
                 if need_b:
@@ -106,6 +140,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             (grad_b * grad_out).to(ctx.dtypes[1]) if need_b else None,
             None,
             None,
+            None,
         )
 
 
@@ -114,6 +149,7 @@ def chunked_cross_entropy(
     head: nn.Linear,
     labels: torch.Tensor,
     chunk: int = 1024,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy and the number of labelled tokens.
 
@@ -123,6 +159,8 @@ def chunked_cross_entropy(
         labels: [B, T] token ids, -100 where no loss is taken; position t's hidden state
             predicts labels[t + 1].
         chunk: rows of the [rows × V] logits formed at once.
+        compute_dtype: dtype of a frozen head's two matmuls (bfloat16: see the module
+            docstring); the logits are float32 from there on.
 
     Returns:
         (loss summed over labelled tokens as a float32 scalar, number of labelled tokens).
@@ -130,7 +168,7 @@ def chunked_cross_entropy(
     h, y = _shift(hidden, labels)
     if h.shape[0] == 0:  # a batch with no labelled token: zero loss, graph kept connected
         return hidden.sum() * 0.0, 0
-    loss = _ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, y, chunk)
+    loss = _ChunkedLinearCrossEntropy.apply(h, head.weight, head.bias, y, chunk, compute_dtype)
     return loss, int(y.numel())
 
 
@@ -179,5 +217,6 @@ def causal_lm_loss(
                 "does not implement that yet"
             )
     if isinstance(head, nn.Linear):
-        return chunked_cross_entropy(hidden, head, labels, chunk)
+        compute = frozen_compute_dtype(model) or torch.float32  # the base's (bf16 or float32)
+        return chunked_cross_entropy(hidden, head, labels, chunk, compute)
     return reference_cross_entropy(hidden, head, labels)  # an adapted or unusual head
