@@ -27,8 +27,9 @@ tokens per second from it, and the peak memory of the whole process as a user wo
 ``VmHWM`` (peak resident set) from process start, imports and model loading included, on the
 CPU; ``torch.cuda.max_memory_allocated`` on CUDA. Page faults per step: the minor faults of
 the training loop over its steps (each first touch of fresh memory is one; ~1-2 us each in a
-VM, so an allocator that returns memory to the system pays them on every step). The peer loop is the fastest plain PEFT
-loop (no HF Trainer overhead); ours goes through `qlora.train`, the code users run
+VM, so an allocator that returns memory to the system pays them on every step). The peer
+loop is the fastest plain PEFT loop (no HF Trainer overhead); ours goes through `qlora.train`,
+the code users run
 (metrics.jsonl, progress bookkeeping and the loss plot included).
 
     python benchmarks/bench_step.py [--steps 5] [--warmup 1] [--arms ours-qlora,peft-qlora]

@@ -254,7 +254,7 @@ else
     ((HAS_PEFT)) && ARMS+=,peft-lora
     ((HAS_PEFT && HAS_BNB)) && ARMS+=,peft-qlora
     run_step bench_step 180 "$LOG_DIR/bench_step.log" \
-        "$PYTHON" benchmarks/bench_step.py --device cuda --steps 8 --warmup 2 --ckpt off \
+        "$PYTHON" benchmarks/bench_step.py --device cuda --steps 8 --warmup 2 --ckpt off --dtypes bfloat16 \
         --arms "$ARMS" --model "$MODEL"
     json_step bench_step "$LOG_DIR/bench_step.log" step "$MODEL_NOTE"
 

@@ -95,9 +95,12 @@ def choose_compute_dtype(device: torch.device | str = "cpu") -> ComputeChoice:
     float32 (see the module docstring)."""
     device = torch.device(device)
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return ComputeChoice(torch.bfloat16, "the GPU supports bf16")
-        return ComputeChoice(torch.float32, "the GPU has no bf16 (compute capability < 8.0)")
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 0):  # Ampere and later: native bf16 tensor cores
+            return ComputeChoice(torch.bfloat16, f"the GPU has native bf16 (sm_{major}{minor})")
+        return ComputeChoice(
+            torch.float32, f"the GPU has no native bf16 (sm_{major}{minor} < sm_80)"
+        )
     if device.type != "cpu":
         return ComputeChoice(torch.float32, f"{device.type} devices keep float32")
     return _cpu_choice(cpu_flags())

@@ -221,3 +221,74 @@ def test_merging_into_a_cast_linear_keeps_the_adapter_exact() -> None:
         unmerge_adapter(layer)
         assert layer.base_layer is cast
         assert torch.equal(layer(x), unmerged)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "cast"])
+def test_inference_mode_takes_the_bf16_path_too(kind: str) -> None:
+    """Inference tensors have no version counter: the rounded input is copied, not cached."""
+    layer = _layer(_bases(True)[kind]).eval()
+    x = torch.randn(2, 128, 80)
+    with torch.no_grad():
+        want = layer(x)
+    with torch.inference_mode():
+        got = layer(x.clone())
+    assert torch.equal(got, want)
+
+
+def test_rounded_copies_are_reused_only_for_the_same_unchanged_rows() -> None:
+    from qlora.quant.scratch import release_scratch, rounded_copy
+
+    rows = torch.randn(6, 8)
+    first = rounded_copy(rows, BF16, "test-in", reuse=True)
+    assert torch.equal(first, rows.to(BF16))
+    assert rounded_copy(rows, BF16, "test-in", reuse=True).data_ptr() == first.data_ptr()
+    rows.mul_(2)  # in place: the version counter moves, so the copy is made again
+    assert torch.equal(rounded_copy(rows, BF16, "test-in", reuse=True), rows.to(BF16))
+    other = torch.randn(6, 8)
+    rounded_copy(other, BF16, "test-in")  # a plain copy into the slot forgets the held rows
+    assert torch.equal(rounded_copy(rows, BF16, "test-in", reuse=True), rows.to(BF16))
+    release_scratch()
+    assert torch.equal(rounded_copy(rows, BF16, "test-in", reuse=True), rows.to(BF16))
+    release_scratch()
+
+
+def test_the_gpu_choice_needs_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    old = choose_compute_dtype("cuda")
+    assert old.dtype == torch.float32 and "sm_75" in old.reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert choose_compute_dtype("cuda:1").dtype == BF16
+
+
+def test_an_unquantized_base_is_only_ever_narrowed(tmp_path: Path) -> None:
+    """float32 compute over a bf16 model (auto on an AVX2 CPU) keeps the model as it is."""
+    from qlora.config import ModelConfig
+
+    directory = _save(tmp_path)
+    model, _ = load_model(
+        ModelConfig(source=str(directory), dtype="bfloat16", device="cpu"),
+        QuantConfig(kind=None, compute_dtype="float32"),
+        tokenizer=False,
+        progress=False,
+    )
+    assert not any(isinstance(m, CastLinear) for m in model.modules())
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == BF16
+
+
+def test_merged_export_writes_unadapted_cast_weights_in_float32(tmp_path: Path) -> None:
+    from qlora.adapters.merge import merged_state_dict
+
+    directory = _save(tmp_path)
+    quant = QuantConfig(kind=None, compute_dtype="bfloat16")
+    model, _ = load_model(directory, quant=quant, tokenizer=False, progress=False)
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    state = merged_state_dict(model)
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_half_precision_swiglu_keeps_autograd() -> None:
+    from qlora.nn.swiglu import swiglu
+
+    gate = torch.randn(4, 8, dtype=BF16, requires_grad=True)
+    up = torch.randn(4, 8, dtype=BF16, requires_grad=True)
+    assert "SwiGLU" not in type(swiglu(gate, up).grad_fn).__name__

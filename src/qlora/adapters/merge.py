@@ -36,6 +36,7 @@ from torch import nn
 from qlora.files import staged_directory
 from qlora.models.destination import MODEL_FILES, check_model_destination
 from qlora.models.safetensors_io import write_safetensors
+from qlora.nn.cast_linear import CastLinear
 from qlora.nn.inject import float32_compute
 from qlora.nn.lora import LoRALinear, base_weight_dtype, merged_weight
 from qlora.nn.qlinear import QuantLinear
@@ -170,6 +171,8 @@ def merge_plan(
     entries: list[MergedTensor] = []
     seen: dict[int, str] = {}
     emitted: set[str] = set()
+    # an unadapted CastLinear's bf16 weight goes out in the dtype the model computes in
+    widened = {id(m.weight): m.full_dtype for m in model.modules() if isinstance(m, CastLinear)}
     for key, tensor in model.state_dict(keep_vars=True).items():
         owner = _owner(key, special)
         if owner is not None:
@@ -181,6 +184,8 @@ def merge_plan(
             continue
         seen[id(tensor)] = key
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        if dtype is None and id(tensor) in widened:
+            target = widened[id(tensor)]
         entries.append(
             MergedTensor(
                 key, target, tuple(tensor.shape), lambda t=tensor, d=target: t.detach().to(d)

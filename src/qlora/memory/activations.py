@@ -74,7 +74,9 @@ LoRA input of o_proj                  lora_A, dropout       T·q·(a + m) with d
 x + attn, float32                     post_attention_ln     T·h·4 + T·4
 LoRA inputs of gate, up               lora_A, dropout       2·T·h·(a + m) with dropout
 g = gate(x)                           silu                  T·i·p
-silu(g), up(x)                        the SwiGLU product    2·T·i·p
+silu(g), up(x)                        the SwiGLU product    2·T·i·p (T·i·p: up(x) only, in
+                                                            `SwiGLUMLP`, which recomputes
+                                                            silu(g) in backward)
 LoRA input of down_proj               lora_A, dropout       T·i·(a + m) with dropout
 ====================================  ====================  ===================================
 

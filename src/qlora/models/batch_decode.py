@@ -149,10 +149,10 @@ class _Projection:
             return self.plan(x) if base.bias is None else self.plan(x) + base.bias
         if not isinstance(base, QuantLinear):
             return base(x)
-        out = self.plan(x.to(base.compute_dtype)).to(base.compute_dtype)  # [n, out]
-        if base.bias is not None:
+        out = self.plan(x.to(base.compute_dtype)).to(x.dtype)  # [n, out]
+        if base.bias is not None:  # added in the activations' dtype, as QuantLinear does
             out = out + base.bias.to(out.dtype)
-        return out.to(x.dtype)
+        return out
 
 
 def _projection(model: nn.Module, path: str) -> _Projection:

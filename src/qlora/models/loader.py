@@ -560,7 +560,11 @@ class _Stream:
         # An unquantized base multiplying in another dtype (compute_dtype bfloat16 over a
         # float32 model): its target Linears become CastLinear, their weights stored in the
         # compute dtype as they stream in (qlora.nn.cast_linear).
-        self.casting = not quantizing and plan.compute_dtype != plan.dtype
+        self.casting = (  # only ever narrower: never widened, never fp16 <-> bf16
+            not quantizing
+            and plan.dtype == torch.float32
+            and plan.compute_dtype in (torch.bfloat16, torch.float16)
+        )
         targeted = quantizing or self.casting
         self.targets = set(find_targets(model, plan.target_modules)) if targeted else set()
         if self.casting:

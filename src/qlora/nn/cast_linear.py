@@ -45,6 +45,8 @@ class CastLinear(nn.Linear):
         self.full_dtype = self.weight.dtype  # the activations' dtype: a merged copy's
         self.compute_dtype = weight_dtype  # what forward multiplies in (see float32_compute)
         self.weight = nn.Parameter(self.weight.detach().to(weight_dtype), requires_grad=False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_dtype: torch.dtype) -> CastLinear:

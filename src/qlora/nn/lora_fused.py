@@ -36,7 +36,6 @@ same mask.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
@@ -46,7 +45,7 @@ from qlora.kernels import c_extension
 from qlora.nn.cast_linear import CastLinear
 from qlora.nn.dropout import apply_dropout, draw_seeds
 from qlora.nn.qlinear import QuantLinear, dequantize_for_matmul, fast_decoding_applies
-from qlora.quant.scratch import scratch
+from qlora.quant.scratch import rounded_copy, scratch
 
 __all__ = ["base_compute_dtype", "fused_lora", "fused_lora_supported"]
 
@@ -66,29 +65,6 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return base.weight.detach().to(dtype)  # a CastLinear under float32_compute: widened
 
 
-class _LastInput(threading.local):
-    """Which input this thread last rounded into its "input" scratch buffer."""
-
-    key: tuple | None = None
-    source: torch.Tensor | None = None  # held, so its memory cannot be reused under the key
-
-
-_LAST_INPUT = _LastInput()
-
-
-def _narrowed(rows: torch.Tensor, dtype: torch.dtype, slot: str) -> torch.Tensor:
-    """``rows`` rounded to ``dtype`` in this thread's ``slot`` buffer. The "input" slot keeps
-    the last result while the same rows come again: q, k and v read one normed hidden state,
-    gate and up another, so they share one rounding pass."""
-    key = (rows.data_ptr(), tuple(rows.shape), rows.stride(), rows._version, dtype)
-    buffer = scratch(rows.shape, dtype, slot)
-    if slot == "input":
-        if _LAST_INPUT.key == key:
-            return buffer
-        _LAST_INPUT.key, _LAST_INPUT.source = key, rows
-    return buffer.copy_(rows)
-
-
 def _times(rows: torch.Tensor, matrix: torch.Tensor, slot: str) -> torch.Tensor:
     """rows [T, k] @ matrix [k, n] in the matrix's dtype (the base's compute dtype), returned
     in the rows' dtype.
@@ -101,7 +77,8 @@ def _times(rows: torch.Tensor, matrix: torch.Tensor, slot: str) -> torch.Tensor:
     """
     if rows.dtype == matrix.dtype:
         return rows @ matrix
-    narrow = _narrowed(rows, matrix.dtype, slot)  # [T, k]
+    # q, k and v read one normed hidden state, gate and up another: one rounding pass each
+    narrow = rounded_copy(rows, matrix.dtype, slot, reuse=slot == "input")  # [T, k]
     product = scratch((rows.shape[0], matrix.shape[1]), matrix.dtype, "product")  # [T, n]
     return torch.mm(narrow, matrix, out=product).to(rows.dtype)
 
@@ -206,9 +183,12 @@ def fused_lora_supported(
         if fast_decoding_applies(x, base.quant_state):
             return False  # decoding: the base's own fused matvec beats dequantizing it here
         return base.compute_dtype in (torch.float32, torch.bfloat16)
+    if type(base) is CastLinear:
+        compute_ok = base.compute_dtype in (torch.float32, torch.bfloat16)
+    else:  # a plain Linear multiplies in its own dtype, which must be the activations'
+        compute_ok = type(base) is nn.Linear and base.weight.dtype == torch.float32
     return (
-        type(base) in (nn.Linear, CastLinear)
-        and base.weight.dtype in (torch.float32, torch.bfloat16)
+        compute_ok
         and not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
     )

@@ -21,8 +21,9 @@ gradients differ from autograd's, by float32 rounding (the tests compare the two
 
 `SwiGLUMLP` is a plain module holding the same three projections under the same names (so
 state dicts, adapter targets and PEFT files are unchanged); `fuse_mlps` swaps it in for the
-architectures above while the model is still a meta-device skeleton. Without the C kernel,
-on CUDA, or for other dtypes the backward runs the same formula in torch operations.
+architectures above while the model is still a meta-device skeleton. Without the C kernel or
+on CUDA the backward runs the same formula in torch operations; half-precision activations
+take autograd's composition (its silu_backward rounds once, the formula in bf16 would not).
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) ⊙ up [.., I]; differentiable, with the fused backward when gradients flow."""
     if gate.shape != up.shape or not (gate.requires_grad or up.requires_grad):
         return swiglu_reference(gate, up)  # inference (or broadcasting): transformers' ops
+    if gate.dtype != torch.float32 or up.dtype != torch.float32:
+        # half precision: autograd's silu_backward computes in float and rounds once; the
+        # formula in bf16 operations would round four times
+        return swiglu_reference(gate, up)
     return _SwiGLU.apply(gate.contiguous(), up.contiguous())
 
 

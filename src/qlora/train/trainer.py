@@ -48,6 +48,7 @@ from qlora.config import TrainConfig
 from qlora.files import atomic_open, atomic_write
 from qlora.optim import build_optimizer
 from qlora.procinfo import peak_rss_bytes
+from qlora.quant.scratch import release_scratch
 from qlora.train.allocator import limit_heap_retention
 from qlora.train.checkpoint import (
     CheckpointError,
@@ -560,6 +561,7 @@ class _Run:
             bar.close()
             if board is not None:
                 board.close()
+            release_scratch()  # the loss's logits buffers and the held bf16 input copy
         return result
 
     def _loop(self, bar: Any, board: Any) -> TrainResult:
