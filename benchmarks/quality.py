@@ -52,7 +52,7 @@ from qlora.files import atomic_write
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "alpaca_4500.json"
 DEFAULT_ARMS = tuple(a for a in ARMS if a != "loftq-nf4-dq")  # that one on request
-COMPARED = ("lora-fp32", "qlora-nf4-dq")  # the acceptance's pair: extra seeds go to these
+COMPARED = ("lora-fp32", "qlora-nf4-dq", "qlora-nf4-dq-bf16")  # acceptance pairs: extra seeds
 
 BUDGETS: dict[str, Budget] = {
     "alpaca": Budget(

@@ -226,10 +226,19 @@ def _reading(grouped: dict[str, dict[str, list[dict[str, Any]]]]) -> tuple[list[
         if bf16 is not None and nf4 is not None:
             change = bf16 / nf4 - 1
             summary[f"{task}_bf16_vs_fp32_compute"] = round(change, 5)
+            spread = [
+                sd
+                for sd in (
+                    _stats(arms[a], "eval_loss_after")[1]
+                    for a in ("qlora-nf4-dq", "qlora-nf4-dq-bf16")
+                )
+                if sd == sd
+            ]
+            noise = f" Seed-to-seed spread (sd): up to {max(spread):.4f}." if spread else ""
             lines.append(
                 f"- bfloat16 vs float32 compute (NF4 + DQ): held-out loss {bf16:.4f} vs "
                 f"{nf4:.4f} (**{_pct(change)}**), "
-                f"{'within' if abs(change) <= 0.01 else 'outside'} 1%."
+                f"{'within' if abs(change) <= 0.01 else 'outside'} 1%.{noise}"
             )
         fp4 = _after(arms, "qlora-fp4")
         if fp4 is not None and nf4 is not None:

@@ -254,10 +254,12 @@ class TrainConfig:
         loss_chunk: tokens per chunk of the output-head + cross-entropy computation, so the
             full [tokens x vocab] fp32 logits are never materialized.
         malloc_mmap_kb: on the CPU, make glibc map every allocation of this many KiB or more
-            and unmap it when freed, so freed activations leave the process (glibc otherwise
-            keeps them: resident memory 1.4-2.7x the live tensors). Costs page faults (a
-            checkpointed step of the default model: ~15% slower here). Process-wide; 0
-            leaves the allocator alone. See qlora.train.allocator.
+            and unmap it when freed, serve smaller ones from its heap, and (with grad_ckpt)
+            return the heap's free pages after every optimizer step (glibc otherwise keeps
+            them: resident memory 1.4-2.7x the live tensors). Lower is leaner and slower:
+            every mapped tensor is fresh memory, a page fault per 4 KiB (128: the leanest,
+            1.5x slower steps on the default model). Process-wide; 0 leaves the allocator
+            alone. See qlora.train.allocator.
         eval_every: evaluate every N optimizer steps (0: only at the end).
         save_every: checkpoint every N optimizer steps (0: only at the end).
         log_every: print a line every N steps (metrics.jsonl gets every step).
@@ -295,8 +297,8 @@ class TrainConfig:
     optim_page_mb: int = 64
     optim_dir: str = ""
     grad_ckpt: bool = False
-    loss_chunk: int = 1024
-    malloc_mmap_kb: int = 128
+    loss_chunk: int = 256
+    malloc_mmap_kb: int = 8192
     eval_every: int = 0
     save_every: int = 0
     log_every: int = 10

@@ -548,7 +548,7 @@ def estimate(
     chunked_loss: bool = True,
     lora_dropout: float | None = None,
     attention: Attention | None = None,
-    loss_chunk_tokens: int = 1024,
+    loss_chunk_tokens: int = 256,
     world_size: int = 1,
     parallel: Literal["ddp", "fsdp"] = "ddp",
     cpu_offload: bool = False,

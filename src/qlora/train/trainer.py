@@ -49,7 +49,7 @@ from qlora.files import atomic_open, atomic_write
 from qlora.optim import build_optimizer
 from qlora.procinfo import peak_rss_bytes
 from qlora.quant.scratch import release_scratch
-from qlora.train.allocator import limit_heap_retention
+from qlora.train.allocator import limit_heap_retention, trim_heap
 from qlora.train.checkpoint import (
     CheckpointError,
     checkpoint_dirs,
@@ -475,6 +475,11 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cpu" and config.malloc_mmap_kb > 0 and config.grad_ckpt:
+            # checkpointing asks for memory: hand the heap's free pages back between steps
+            # (without it the step's own activations dominate the peak, and refaulting
+            # them costs ~10% of a step: qlora.train.allocator)
+            trim_heap()
         self.cursor = _Cursor(self.cursor.step + 1, micro[-1][0], micro[-1][1] + 1)
         return grad_norm
 
