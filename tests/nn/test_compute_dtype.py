@@ -22,6 +22,7 @@ from qlora.nn.cast_linear import CastLinear
 from qlora.nn.inject import frozen_compute_dtype
 from qlora.nn.lora_fused import fused_lora_supported
 from qlora.train.loss import causal_lm_loss, chunked_cross_entropy
+from tests.nn.test_lora_fused import _grads  # output, then the x, A and B gradients
 from tests.tiny_models import tiny_llama
 
 BF16 = torch.bfloat16
@@ -33,19 +34,6 @@ def _layer(base: nn.Module, dropout: float = 0.0) -> LoRALinear:
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.1)
     return layer
-
-
-def _run(layer: LoRALinear, x: torch.Tensor, forward) -> list[torch.Tensor]:
-    x = x.detach().requires_grad_(True)
-    layer.zero_grad(set_to_none=True)
-    y = forward(x)
-    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
-    return [
-        y.detach(),
-        x.grad,
-        layer.lora_A["default"].weight.grad,
-        layer.lora_B["default"].weight.grad,
-    ]
 
 
 def _bases(bias: bool) -> dict[str, nn.Module]:
@@ -63,8 +51,8 @@ def test_fused_path_equals_the_composed_modules_in_bf16(kind: str, bias: bool) -
     layer = _layer(_bases(bias)[kind])
     x = torch.randn(2, 7, 80)
     assert fused_lora_supported(layer.base_layer, x, layer.lora_A["default"].weight, nn.Identity())
-    fused = _run(layer, x, layer)
-    reference = _run(layer, x, layer.reference_forward)
+    fused = _grads(layer, x, layer)
+    reference = _grads(layer, x, layer.reference_forward)
     for got, want in zip(fused, reference, strict=True):
         assert got.dtype == torch.float32  # activations and adapter gradients stay float32
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
