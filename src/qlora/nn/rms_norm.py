@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qlora.kernels import c_extension
+from qlora.nn.inject import replace_module
 
 __all__ = ["FUSED_NORM_CLASSES", "RMSNorm", "fuse_norms", "rms_norm_backward"]
 
@@ -122,7 +123,5 @@ def fuse_norms(model: nn.Module) -> int:
         if type(module).__name__ in FUSED_NORM_CLASSES
     ]
     for name, module in swaps:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, RMSNorm.from_norm(module))
+        replace_module(model, name, RMSNorm.from_norm(module))
     return len(swaps)

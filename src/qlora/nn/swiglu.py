@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora.kernels import c_extension
+from qlora.nn.inject import replace_module
 
 __all__ = ["FUSED_MLP_CLASSES", "SwiGLUMLP", "fuse_mlps", "swiglu", "swiglu_reference"]
 
@@ -140,7 +141,5 @@ def fuse_mlps(model: nn.Module) -> int:
         if type(module).__name__ in FUSED_MLP_CLASSES and _is_silu(getattr(module, "act_fn", None))
     ]
     for name, module in swaps:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SwiGLUMLP.from_mlp(module))
+        replace_module(model, name, SwiGLUMLP.from_mlp(module))
     return len(swaps)
