@@ -169,6 +169,54 @@ def _closed_text(closed: float | None) -> str:
     return f": LoftQ closes {closed:.0%} of the gap to LoRA-fp32."
 
 
+# Two-sided 95% points of Student's t by degrees of freedom (1-30); 1.96 beyond.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def _paired(
+    arms: dict[str, list[dict[str, Any]]], base: str, other: str, key: str = "eval_loss_after"
+) -> tuple[int, float, float, float] | None:
+    """``other`` against ``base`` over the seeds both ran: (n, mean relative change, its
+    standard error, half-width of its 95% interval), the change per seed being
+    (other - base) / mean(base). Pairing by seed removes what the two arms share (adapter
+    init, dropout masks, data order); None with fewer than two common seeds."""
+    by_seed = {name: {r["seed"]: r[key] for r in arms.get(name, [])} for name in (base, other)}
+    seeds = sorted(set(by_seed[base]) & set(by_seed[other]))
+    if len(seeds) < 2:
+        return None
+    scale = _mean([by_seed[base][s] for s in seeds])
+    changes = [(by_seed[other][s] - by_seed[base][s]) / scale for s in seeds]
+    error = _sd(changes) / math.sqrt(len(seeds))
+    t95 = _T95[len(seeds) - 2] if len(seeds) - 1 <= len(_T95) else 1.96
+    return len(seeds), _mean(changes), error, t95 * error
+
+
+def _paired_text(n: int, change: float, error: float, half: float, tolerance: float) -> str:
+    """What a paired comparison says against ``tolerance``, the interval included."""
+    low, high = change - half, change + half
+    head = (
+        f"paired over {n} seeds {change:+.2%} ± {error:.2%} (s.e.), 95% interval "
+        f"[{low:+.2%}, {high:+.2%}]: "
+    )
+    if -tolerance <= low and high <= tolerance:
+        return head + f"within {tolerance:.0%} (the whole interval)."
+    if low > tolerance or high < -tolerance:
+        return head + f"outside {tolerance:.0%} (the whole interval)."
+    if abs(change) <= tolerance:
+        return head + (
+            f"within {tolerance:.0%} in the mean, but the interval is wider than ±{tolerance:.0%}"
+            " (more seeds would narrow it)."
+        )
+    if low <= 0 <= high:
+        return head + (
+            f"outside {tolerance:.0%} in the mean, but not distinguishable from no change (the "
+            "interval holds 0)."
+        )
+    return head + f"outside {tolerance:.0%} in the mean; the interval excludes no change."
+
+
 def _after(arms: dict[str, list[dict[str, Any]]], name: str, key: str = "eval_loss_after"):
     return _stats(arms[name], key)[0] if name in arms else None
 
@@ -235,10 +283,17 @@ def _reading(grouped: dict[str, dict[str, list[dict[str, Any]]]]) -> tuple[list[
                 if sd == sd
             ]
             noise = f" Seed-to-seed spread (sd): up to {max(spread):.4f}." if spread else ""
+            paired = _paired(arms, "qlora-nf4-dq", "qlora-nf4-dq-bf16")
+            if paired is None:
+                verdict = f"{'within' if abs(change) <= 0.01 else 'outside'} 1%."
+            else:
+                verdict = _paired_text(*paired, tolerance=0.01)
+                summary[f"{task}_bf16_vs_fp32_compute_paired"] = [
+                    round(v, 5) for v in (paired[1], paired[2], paired[3])
+                ]
             lines.append(
                 f"- bfloat16 vs float32 compute (NF4 + DQ): held-out loss {bf16:.4f} vs "
-                f"{nf4:.4f} (**{_pct(change)}**), "
-                f"{'within' if abs(change) <= 0.01 else 'outside'} 1%.{noise}"
+                f"{nf4:.4f} (**{_pct(change)}**); {verdict}{noise}"
             )
         fp4 = _after(arms, "qlora-fp4")
         if fp4 is not None and nf4 is not None:

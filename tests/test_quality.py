@@ -96,6 +96,38 @@ def test_report_is_computed_from_the_results(tmp_path: Path, nf4_after: float, v
     assert len(rows) == 1 and "| 20.0000 |" in rows[0]
 
 
+@pytest.mark.parametrize(
+    ("bf16_after", "verdict"),
+    [
+        ((0.501, 0.499, 0.5005, 0.4995), "within 1% (the whole interval)"),
+        ((0.56, 0.44, 0.51, 0.49), "within 1% in the mean, but the interval is wider"),
+        ((0.60, 0.45, 0.55, 0.47), "not distinguishable from no change"),
+        ((0.55, 0.551, 0.549, 0.55), "outside 1% (the whole interval)"),
+    ],
+)
+def test_bf16_compute_is_compared_seed_by_seed(
+    tmp_path: Path, bf16_after: tuple[float, ...], verdict: str
+) -> None:
+    """The bf16-compute arm against the float32 one, paired by seed, with a 95% interval."""
+    report = importlib.import_module("quality_report")
+    fp32_after = (0.5, 0.5, 0.5, 0.5)
+    runs = [
+        _result("reverse", arm, seed, 4.7, after, accuracy_before=0.0, accuracy_after=0.5)
+        for arm, afters in (("qlora-nf4-dq", fp32_after), ("qlora-nf4-dq-bf16", bf16_after))
+        for seed, after in enumerate(afters)
+    ]
+    path = tmp_path / "results.md"
+    summary = report.write_report(runs, path, data=ALPACA)
+    change, error, half = summary["reverse_bf16_vs_fp32_compute_paired"]
+    diffs = [(b - a) / 0.5 for a, b in zip(fp32_after, bf16_after, strict=True)]
+    mean = sum(diffs) / 4
+    sd = (sum((d - mean) ** 2 for d in diffs) / 3) ** 0.5
+    assert change == pytest.approx(mean, abs=1e-5)
+    assert error == pytest.approx(sd / 2, abs=1e-5)
+    assert half == pytest.approx(3.182 * sd / 2, abs=1e-5)  # t at 3 degrees of freedom
+    assert "paired over 4 seeds" in path.read_text() and verdict in path.read_text()
+
+
 def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout
