@@ -11,6 +11,9 @@ the same budget (examples, steps, LR schedule, seeds) in every arm:
     qlora-fp4 / qlora-int8 / qlora-nf2     other codebooks (all blocksize 64 + double quant)
     loftq-fp4 / loftq-nf2 / loftq-nf4-dq   the adapters start from the LoftQ fit of the
                    quantization error (``lora.init: loftq``) instead of B = 0
+    qlora-nf4-dq-bf16   NF4 + DQ with the frozen base multiplying in bfloat16
+    qlora-nf4-dq[-bf16]-lr0.3   the same pair at 0.3x the learning rate (on request, as is
+                   loftq-nf4-dq): where reverse trains smoothly, bf16 against float32
 
 Tasks: ``alpaca`` (the Stanford Alpaca subset given by ``--data``; a fixed 5% held out, its
 first ``n_eval`` records scored by mean next-token loss on the responses) and ``reverse``
@@ -51,7 +54,8 @@ from qlora.files import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "alpaca_4500.json"
-DEFAULT_ARMS = tuple(a for a in ARMS if a != "loftq-nf4-dq")  # that one on request
+ON_REQUEST = ("loftq-nf4-dq", "qlora-nf4-dq-lr0.3", "qlora-nf4-dq-bf16-lr0.3")
+DEFAULT_ARMS = tuple(a for a in ARMS if a not in ON_REQUEST)
 COMPARED = ("lora-fp32", "qlora-nf4-dq", "qlora-nf4-dq-bf16")  # acceptance pairs: extra seeds
 
 BUDGETS: dict[str, Budget] = {

@@ -66,6 +66,18 @@ ARMS: dict[str, Arm] = {
             "nf4",
             compute_dtype="bfloat16",
         ),
+        # bf16 vs float32 compute where the reverse task trains smoothly (on request)
+        Arm(
+            "qlora-nf4-dq-lr0.3", "QLoRA, NF4 + DQ, 0.3x learning rate", "lora", "nf4", lr_scale=0.3
+        ),
+        Arm(
+            "qlora-nf4-dq-bf16-lr0.3",
+            "QLoRA, NF4 + DQ, bfloat16 compute, 0.3x learning rate",
+            "lora",
+            "nf4",
+            lr_scale=0.3,
+            compute_dtype="bfloat16",
+        ),
         Arm("qlora-fp4", "QLoRA, FP4 + double quant", "lora", "fp4"),
         Arm("qlora-int8", "QLoRA, int8 + double quant", "lora", "int8"),
         Arm("qlora-nf2", "QLoRA, NF2 + double quant", "lora", "nf2"),

@@ -217,6 +217,39 @@ def _paired_text(n: int, change: float, error: float, half: float, tolerance: fl
     return head + f"outside {tolerance:.0%} in the mean; the interval excludes no change."
 
 
+# The bf16-compute arms and their float32 twins: "qlora-nf4-dq{suffix}" and
+# "qlora-nf4-dq-bf16{suffix}", with what the suffix changes.
+BF16_PAIRS = {"": "", "-lr0.3": " at 0.3x the learning rate"}
+
+
+def _bf16_line(
+    arms: dict[str, list[dict[str, Any]]], task: str, suffix: str, summary: dict[str, Any]
+) -> str | None:
+    """The bf16-vs-float32-compute sentence for one pair of arms (None if either is absent);
+    adds its numbers to ``summary``."""
+    base, other = f"qlora-nf4-dq{suffix}", f"qlora-nf4-dq-bf16{suffix}"
+    if base not in arms or other not in arms:
+        return None
+    fp32, bf16 = _after(arms, base), _after(arms, other)
+    change = bf16 / fp32 - 1
+    key = f"{task}_bf16_vs_fp32_compute{suffix.replace('-', '_').replace('.', '')}"
+    summary[key] = round(change, 5)
+    spread = [
+        sd for sd in (_stats(arms[a], "eval_loss_after")[1] for a in (base, other)) if sd == sd
+    ]
+    noise = f" Seed-to-seed spread (sd): up to {max(spread):.4f}." if spread else ""
+    paired = _paired(arms, base, other)
+    if paired is None:
+        verdict = f"{'within' if abs(change) <= 0.01 else 'outside'} 1%."
+    else:
+        verdict = _paired_text(*paired, tolerance=0.01)
+        summary[f"{key}_paired"] = [round(v, 5) for v in paired[1:]]
+    return (
+        f"- bfloat16 vs float32 compute (NF4 + DQ{BF16_PAIRS[suffix]}): held-out loss "
+        f"{bf16:.4f} vs {fp32:.4f} (**{_pct(change)}**); {verdict}{noise}"
+    )
+
+
 def _after(arms: dict[str, list[dict[str, Any]]], name: str, key: str = "eval_loss_after"):
     return _stats(arms[name], key)[0] if name in arms else None
 
@@ -270,31 +303,10 @@ def _reading(grouped: dict[str, dict[str, list[dict[str, Any]]]]) -> tuple[list[
                 f"- Full fine-tuning vs LoRA (float32): {full:.4f} vs {lora:.4f} "
                 f"({_pct(full / lora - 1)})."
             )
-        bf16 = _after(arms, "qlora-nf4-dq-bf16")
-        if bf16 is not None and nf4 is not None:
-            change = bf16 / nf4 - 1
-            summary[f"{task}_bf16_vs_fp32_compute"] = round(change, 5)
-            spread = [
-                sd
-                for sd in (
-                    _stats(arms[a], "eval_loss_after")[1]
-                    for a in ("qlora-nf4-dq", "qlora-nf4-dq-bf16")
-                )
-                if sd == sd
-            ]
-            noise = f" Seed-to-seed spread (sd): up to {max(spread):.4f}." if spread else ""
-            paired = _paired(arms, "qlora-nf4-dq", "qlora-nf4-dq-bf16")
-            if paired is None:
-                verdict = f"{'within' if abs(change) <= 0.01 else 'outside'} 1%."
-            else:
-                verdict = _paired_text(*paired, tolerance=0.01)
-                summary[f"{task}_bf16_vs_fp32_compute_paired"] = [
-                    round(v, 5) for v in (paired[1], paired[2], paired[3])
-                ]
-            lines.append(
-                f"- bfloat16 vs float32 compute (NF4 + DQ): held-out loss {bf16:.4f} vs "
-                f"{nf4:.4f} (**{_pct(change)}**); {verdict}{noise}"
-            )
+        for suffix in BF16_PAIRS:
+            line = _bf16_line(arms, task, suffix, summary)
+            if line is not None:
+                lines.append(line)
         fp4 = _after(arms, "qlora-fp4")
         if fp4 is not None and nf4 is not None:
             noise = max([NOISE_FLOOR, *_spreads(arms)])

@@ -128,6 +128,22 @@ def test_bf16_compute_is_compared_seed_by_seed(
     assert "paired over 4 seeds" in path.read_text() and verdict in path.read_text()
 
 
+def test_bf16_pair_at_a_lower_learning_rate_has_its_own_line(tmp_path: Path) -> None:
+    report = importlib.import_module("quality_report")
+    runs = [
+        _result("reverse", f"{arm}{suffix}", seed, 4.7, after + 0.001 * seed)
+        for suffix, after in (("", 0.5), ("-lr0.3", 0.9))
+        for arm in ("qlora-nf4-dq", "qlora-nf4-dq-bf16")
+        for seed in (0, 1, 2)
+    ]
+    summary = report.write_report(runs, tmp_path / "results.md", data=ALPACA)
+    text = (tmp_path / "results.md").read_text()
+    assert "compute (NF4 + DQ): held-out loss 0.5010 vs 0.5010" in text
+    assert "compute (NF4 + DQ at 0.3x the learning rate): held-out loss 0.9010 vs 0.9010" in text
+    assert summary["reverse_bf16_vs_fp32_compute_lr03"] == 0.0
+    assert summary["reverse_bf16_vs_fp32_compute_lr03_paired"] == [0.0, 0.0, 0.0]
+
+
 def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout
