@@ -387,10 +387,15 @@ def write_report(
         "linear warmup (QLoRA's schedule), gradient clipping 0.3. Full fine-tuning trains "
         "every weight (embeddings tied to the head) with a 10x lower learning rate.",
         "- Quantized bases: blocksize 64, double quantization, float32 compute (the "
-        "`-bf16` arm: the frozen base's matmuls and the output head in bfloat16, "
-        "`quant.compute_dtype`; everything else float32). "
-        f"LoftQ arms: `lora.init: loftq` with {_loftq_iters(results)} alternating quantize / "
-        "rank-16 SVD rounds (`qlora.nn.loftq`).",
+        "`-bf16` arms: the frozen base's matmuls and the output head in bfloat16, "
+        "`quant.compute_dtype`; everything else float32; `-lr0.3` arms: 0.3x the adapter "
+        "learning rate)."
+        + (
+            f" LoftQ arms: `lora.init: loftq` with {_loftq_iters(results)} alternating "
+            "quantize / rank-16 SVD rounds (`qlora.nn.loftq`)."
+            if any(r.get("loftq_iters") for r in results)
+            else ""
+        ),
         f"- alpaca: `{data.name if data else '?'}` (Stanford Alpaca subset, CC BY-NC 4.0; read "
         "by path, not shipped); a fixed seeded 5% split is held out and its first records "
         "are scored; loss on the responses only.",
